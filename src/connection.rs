@@ -1,0 +1,296 @@
+//! One client socket, after the upgrade: reads frames, enforces the
+//! per-connection limits, hands decoded messages to its room, and writes what
+//! the room queues for it. Every way a connection ends is a close code.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::Bytes;
+use governor::{Quota, RateLimiter};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Limits;
+use crate::metrics as m;
+use crate::protocol::{ywebsocket, Inbound};
+use crate::room::{Peer, RoomError, Rooms};
+
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const RESTARTING: u16 = 1012;
+    pub const TRY_AGAIN: u16 = 1013;
+    pub const UNAUTHORIZED: u16 = 4401;
+}
+
+/// Asks a connection to close with a code, from any task (the room closes
+/// slow consumers through it). The first request wins.
+#[derive(Default)]
+pub struct Closer {
+    request: Mutex<Option<(u16, String)>>,
+    notify: Notify,
+}
+
+impl Closer {
+    pub fn close(&self, code: u16, reason: impl Into<String>) {
+        let mut request = self.request.lock().expect("closer lock");
+        if request.is_none() {
+            *request = Some((code, reason.into()));
+            self.notify.notify_one();
+        }
+    }
+
+    async fn requested(&self) -> (u16, String) {
+        loop {
+            if let Some(request) = self.request.lock().expect("closer lock").clone() {
+                return request;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Who is on the other end, as established before the upgrade.
+pub struct Session {
+    pub doc: String,
+    pub can_write: bool,
+    pub user: Option<String>,
+    /// When the token expires; the connection is closed with 4401 then.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// How the loop ended: a code to send, or the peer already gone.
+enum End {
+    Close(u16, String),
+    PeerGone(&'static str),
+}
+
+pub async fn run(
+    mut socket: WebSocket,
+    rooms: Rooms,
+    limits: Arc<Limits>,
+    shutdown: CancellationToken,
+    session: Session,
+) {
+    let started = Instant::now();
+    metrics::gauge!(m::CONNECTIONS).increment(1.0);
+    let (outbox, mut queued) = mpsc::channel::<Bytes>(limits.outbox_capacity.max(1));
+    let closer = Arc::new(Closer::default());
+    let peer = Peer {
+        outbox,
+        closer: closer.clone(),
+        can_write: session.can_write,
+    };
+    let end = match rooms.join(&session.doc, peer).await {
+        Ok(member) => {
+            let end = serve(
+                &mut socket,
+                &member,
+                &mut queued,
+                &closer,
+                &limits,
+                &shutdown,
+                &session,
+            )
+            .await;
+            if let End::Close(code, reason) = &end {
+                // On a graceful shutdown, what the client sent before it saw our
+                // close is still accepted, so an orderly restart loses nothing.
+                let accept = (*code == close::RESTARTING).then_some((&member, &session));
+                close_socket(&mut socket, *code, reason, accept).await;
+            }
+            member.leave().await;
+            end
+        }
+        Err(error @ (RoomError::Unavailable(_) | RoomError::Busy)) => {
+            let end = End::Close(close::TRY_AGAIN, error.to_string());
+            close_socket(&mut socket, close::TRY_AGAIN, &error.to_string(), None).await;
+            end
+        }
+        Err(error) => {
+            close_socket(&mut socket, close::INTERNAL, &error.to_string(), None).await;
+            End::Close(close::INTERNAL, error.to_string())
+        }
+    };
+    let (code, reason) = match &end {
+        End::Close(code, reason) => (Some(*code), reason.as_str()),
+        End::PeerGone(why) => (None, *why),
+    };
+    metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    let code_label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
+    metrics::counter!(m::CONNECTIONS_CLOSED, "code" => code_label).increment(1);
+    let duration = started.elapsed();
+    metrics::histogram!(m::CONNECTION_SECONDS).record(duration.as_secs_f64());
+    tracing::info!(
+        doc = %session.doc,
+        user = session.user.as_deref().unwrap_or("-"),
+        duration_ms = duration.as_millis() as u64,
+        code = code.unwrap_or(0),
+        reason,
+        "connection closed"
+    );
+}
+
+async fn serve(
+    socket: &mut WebSocket,
+    member: &crate::room::Member,
+    queued: &mut mpsc::Receiver<Bytes>,
+    closer: &Closer,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+    session: &Session,
+) -> End {
+    let quota =
+        Quota::per_second(NonZeroU32::new(limits.rate_limit_per_second.max(1)).expect("nonzero"))
+            .allow_burst(NonZeroU32::new(limits.rate_limit_burst.max(1)).expect("nonzero"));
+    let limiter = RateLimiter::direct(quota);
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    let mut last_heard = Instant::now();
+    let expiry = session.expires_at.map(|at| {
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Instant::now() + left
+    });
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                return End::Close(close::RESTARTING, "server shutting down".into());
+            }
+            (code, reason) = closer.requested() => return End::Close(code, reason),
+            _ = sleep_until(expiry) => {
+                return End::Close(close::UNAUTHORIZED, "token expired".into());
+            }
+            Some(frame) = queued.recv() => {
+                let kind = ywebsocket::message_type(&frame);
+                if socket.send(Message::Binary(frame)).await.is_err() {
+                    return End::PeerGone("write failed");
+                }
+                metrics::counter!(m::MESSAGES_SENT, "type" => kind).increment(1);
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= limits.pong_timeout {
+                    return End::Close(close::GOING_AWAY, "no pong".into());
+                }
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return End::PeerGone("write failed");
+                }
+            }
+            frame = socket.recv() => {
+                let frame = match frame {
+                    None => return End::PeerGone("peer closed"),
+                    Some(Err(error)) => return read_error(error),
+                    Some(Ok(frame)) => frame,
+                };
+                last_heard = Instant::now();
+                if limiter.check().is_err() {
+                    return End::Close(close::POLICY, "rate limit".into());
+                }
+                match frame {
+                    Message::Binary(data) => {
+                        if let Some(end) = handle_frame(&data, member, session).await {
+                            return end;
+                        }
+                    }
+                    Message::Text(_) => {
+                        return End::Close(close::PROTOCOL_ERROR, "text frames are not part of the protocol".into());
+                    }
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Close(_) => return End::PeerGone("peer closed"),
+                }
+            }
+        }
+    }
+}
+
+async fn handle_frame(data: &[u8], member: &crate::room::Member, session: &Session) -> Option<End> {
+    let kind = ywebsocket::message_type(data);
+    metrics::counter!(m::MESSAGES_RECEIVED, "type" => kind).increment(1);
+    metrics::histogram!(m::MESSAGE_BYTES, "direction" => "in").record(data.len() as f64);
+    let msg = match ywebsocket::decode(data) {
+        Ok(msg) => msg,
+        Err(error) => {
+            tracing::info!(doc = %session.doc, %error, "refused undecodable message");
+            return Some(End::Close(close::PROTOCOL_ERROR, error.to_string()));
+        }
+    };
+    if matches!(msg, Inbound::Update { .. }) && !session.can_write {
+        // Read access: the update is dropped, the connection stays.
+        return None;
+    }
+    if !member.send(msg).await {
+        return Some(End::Close(close::RESTARTING, "document unloaded".into()));
+    }
+    None
+}
+
+fn read_error(error: axum::Error) -> End {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => {
+            End::Close(close::TOO_BIG, "message too big".into())
+        }
+        Ok(e) if matches!(*e, tungstenite::Error::Protocol(_)) => End::Close(
+            close::PROTOCOL_ERROR,
+            format!("websocket protocol error: {e}"),
+        ),
+        _ => End::PeerGone("read failed"),
+    }
+}
+
+/// Sends the close frame and waits (at most a second) for the peer's reply,
+/// so the code arrives even while the peer is still sending. Frames read
+/// meanwhile are dropped, unless `accept` names the room to hand them to.
+async fn close_socket(
+    socket: &mut WebSocket,
+    code: u16,
+    reason: &str,
+    accept: Option<(&crate::room::Member, &Session)>,
+) {
+    // Close reasons are limited to 123 bytes by RFC 6455.
+    let mut reason = reason.to_string();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Ok(Some(Ok(Message::Binary(data)))) => {
+                if let Some((member, session)) = accept {
+                    let _ = handle_frame(&data, member, session).await;
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => return,
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_))) => {
+                // The stream is unreadable (an oversized frame still arriving):
+                // hold the socket open until the deadline so the peer can read
+                // our close frame before the connection is reset.
+                tokio::time::sleep_until(deadline).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

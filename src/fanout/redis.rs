@@ -1,0 +1,439 @@
+//! Fan-out through Redis Streams: one stream per document,
+//! `concord:{doc}:updates` (hash-tagged so Redis Cluster keeps a document's
+//! keys together), entries `k` (u = update, a = awareness), `r` (origin
+//! replica), `t` (publish time, ms) and `d` (payload).
+//!
+//! One reader task per replica reads the streams of every loaded document with
+//! one `XREAD` on one connection, from the last id it saw of each, so a new
+//! subscription (which notes the stream's tip before its room loads from the
+//! store) misses nothing. One publisher task pipelines `XADD`s. When Redis goes
+//! away, both retry with backoff; once back, every room resyncs from the store
+//! (which holds everything that was ever published) and the streams resume
+//! from where they were, so clients converge without reconnecting.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::{AsyncCommands, Value};
+use tokio::sync::mpsc;
+
+use super::{Fanout, FanoutError, Remote, Subscription};
+use crate::metrics as m;
+
+/// Streams keep about this many entries; the database is the record.
+const STREAM_MAXLEN: usize = 10_000;
+/// A stream untouched this long expires (its document is idle everywhere).
+const STREAM_TTL_SECS: i64 = 24 * 3600;
+/// How long one XREAD blocks; also how soon a new subscription is read.
+const BLOCK_MS: usize = 100;
+const READ_COUNT: usize = 1024;
+/// Per-room queue; a room this far behind is told to resync instead.
+const ROOM_QUEUE: usize = 4096;
+/// Publishes held while Redis is away; past it they are dropped, and the other
+/// replicas' resync after the outage recovers them from the database.
+const MAX_UNPUBLISHED: usize = 100_000;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub fn stream_key(doc: &str) -> String {
+    format!("concord:{{{doc}}}:updates")
+}
+
+struct DocSubscription {
+    /// Last stream id delivered for this document.
+    last_id: String,
+    rooms: Vec<(u64, mpsc::Sender<Remote>)>,
+}
+
+#[derive(Default)]
+struct Shared {
+    docs: Mutex<HashMap<Arc<str>, DocSubscription>>,
+    degraded: Mutex<Option<String>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn set_degraded(&self, reason: Option<String>) {
+        *self.degraded.lock().expect("degraded lock") = reason;
+    }
+}
+
+struct Publish {
+    doc: Arc<str>,
+    kind: &'static str,
+    payload: Bytes,
+}
+
+pub struct RedisFanout {
+    client: redis::Client,
+    shared: Arc<Shared>,
+    publish: mpsc::UnboundedSender<Publish>,
+}
+
+impl RedisFanout {
+    /// Connects (failing fast if Redis is unreachable at start) and starts
+    /// the reader and publisher tasks.
+    pub async fn connect(url: &str, replica: Arc<str>) -> Result<Self, FanoutError> {
+        let client = redis::Client::open(url).map_err(|e| FanoutError(e.to_string()))?;
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| FanoutError(e.to_string()))?;
+        let shared = Arc::new(Shared::default());
+        let (publish, queue) = mpsc::unbounded_channel();
+        tokio::spawn(publisher(
+            client.clone(),
+            conn,
+            replica.clone(),
+            shared.clone(),
+            queue,
+        ));
+        tokio::spawn(reader(client.clone(), replica, Arc::downgrade(&shared)));
+        Ok(Self {
+            client,
+            shared,
+            publish,
+        })
+    }
+
+    async fn stream_tip(&self, doc: &str) -> redis::RedisResult<String> {
+        let mut conn = self.client.get_multiplexed_async_connection().await?;
+        let reply: StreamRangeReply = conn.xrevrange_count(stream_key(doc), "+", "-", 1).await?;
+        Ok(reply
+            .ids
+            .first()
+            .map(|e| e.id.clone())
+            .unwrap_or_else(|| "0-0".into()))
+    }
+}
+
+struct Unsubscribe {
+    shared: Arc<Shared>,
+    doc: Arc<str>,
+    id: u64,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        let mut docs = self.shared.docs.lock().expect("docs lock");
+        if let Some(sub) = docs.get_mut(&self.doc) {
+            sub.rooms.retain(|(id, _)| *id != self.id);
+            if sub.rooms.is_empty() {
+                docs.remove(&self.doc);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Fanout for RedisFanout {
+    async fn subscribe(&self, doc: &Arc<str>) -> Result<Subscription, FanoutError> {
+        let (tx, rx) = mpsc::channel(ROOM_QUEUE);
+        // Note the tip before the room loads: every entry up to it was stored
+        // before it was published, so the load covers it.
+        let tip = match self.stream_tip(doc).await {
+            Ok(tip) => tip,
+            Err(error) => {
+                // Redis is away: start from the beginning of whatever the stream
+                // holds once it is back, and resync from the store then.
+                let _ = tx.try_send(Remote::Resync);
+                tracing::warn!(doc = %doc, %error, "subscribing while Redis is unavailable");
+                "0-0".into()
+            }
+        };
+        let id = self
+            .shared
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .docs
+            .lock()
+            .expect("docs lock")
+            .entry(doc.clone())
+            .or_insert_with(|| DocSubscription {
+                last_id: tip,
+                rooms: Vec::new(),
+            })
+            .rooms
+            .push((id, tx));
+        Ok(Subscription {
+            rx,
+            _guard: Box::new(Unsubscribe {
+                shared: self.shared.clone(),
+                doc: doc.clone(),
+                id,
+            }),
+        })
+    }
+
+    fn publish_update(&self, doc: &Arc<str>, update: Bytes) {
+        let _ = self.publish.send(Publish {
+            doc: doc.clone(),
+            kind: "u",
+            payload: update,
+        });
+    }
+
+    fn publish_awareness(&self, doc: &Arc<str>, message: Bytes) {
+        let _ = self.publish.send(Publish {
+            doc: doc.clone(),
+            kind: "a",
+            payload: message,
+        });
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.shared.degraded.lock().expect("degraded lock").clone()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+async fn publisher(
+    client: redis::Client,
+    mut conn: MultiplexedConnection,
+    replica: Arc<str>,
+    shared: Arc<Shared>,
+    mut queue: mpsc::UnboundedReceiver<Publish>,
+) {
+    let mut unpublished: VecDeque<Publish> = VecDeque::new();
+    let mut received = Vec::new();
+    let mut backoff = BACKOFF_START;
+    loop {
+        if unpublished.is_empty() {
+            if queue.recv_many(&mut received, READ_COUNT).await == 0 {
+                return;
+            }
+        } else {
+            while let Ok(p) = queue.try_recv() {
+                received.push(p);
+            }
+        }
+        unpublished.extend(received.drain(..));
+        if unpublished.len() > MAX_UNPUBLISHED {
+            let dropped = unpublished.len() - MAX_UNPUBLISHED;
+            unpublished.drain(..dropped);
+            metrics::counter!(m::FANOUT_ERRORS).increment(dropped as u64);
+            tracing::warn!(
+                dropped,
+                "fan-out backlog full; other replicas will resync from the database"
+            );
+        }
+        let batch = unpublished.len().min(READ_COUNT);
+        let mut pipe = redis::pipe();
+        let t = now_ms();
+        for p in unpublished.iter().take(batch) {
+            let key = stream_key(&p.doc);
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(STREAM_MAXLEN)
+                .arg("*")
+                .arg("k")
+                .arg(p.kind)
+                .arg("r")
+                .arg(&*replica)
+                .arg("t")
+                .arg(t)
+                .arg("d")
+                .arg(&p.payload[..])
+                .ignore();
+            pipe.expire(&key, STREAM_TTL_SECS).ignore();
+        }
+        match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => {
+                unpublished.drain(..batch);
+                backoff = BACKOFF_START;
+            }
+            Err(error) => {
+                metrics::counter!(m::FANOUT_ERRORS).increment(1);
+                tracing::warn!(%error, pending = unpublished.len(), "publishing to Redis failed");
+                shared.set_degraded(Some(format!("redis publish failed: {error}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                if let Ok(fresh) = client.get_multiplexed_async_connection().await {
+                    conn = fresh;
+                }
+            }
+        }
+    }
+}
+
+/// Reads every subscribed stream until the fan-out is dropped.
+async fn reader(client: redis::Client, replica: Arc<str>, shared: std::sync::Weak<Shared>) {
+    let mut backoff = BACKOFF_START;
+    let mut failed = false;
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        match read_loop(&client, &replica, &strong, &mut failed).await {
+            Ok(()) => return,
+            Err(error) => {
+                metrics::counter!(m::FANOUT_ERRORS).increment(1);
+                if !failed {
+                    tracing::warn!(%error, "lost Redis; local editing goes on, retrying");
+                }
+                failed = true;
+                strong.set_degraded(Some(format!("redis unavailable: {error}")));
+                drop(strong);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    client: &redis::Client,
+    replica: &str,
+    shared: &Arc<Shared>,
+    failed: &mut bool,
+) -> redis::RedisResult<()> {
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    if std::mem::take(failed) {
+        recover(&mut conn, shared).await?;
+        tracing::info!("Redis is back; documents resynced from the database");
+    }
+    shared.set_degraded(None);
+    loop {
+        if Arc::strong_count(shared) == 1 {
+            return Ok(());
+        }
+        let (keys, ids): (Vec<String>, Vec<String>) = {
+            let docs = shared.docs.lock().expect("docs lock");
+            docs.iter()
+                .map(|(doc, sub)| (stream_key(doc), sub.last_id.clone()))
+                .unzip()
+        };
+        if keys.is_empty() {
+            tokio::time::sleep(Duration::from_millis(BLOCK_MS as u64)).await;
+            continue;
+        }
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(BLOCK_MS)
+            .arg("STREAMS")
+            .arg(&keys)
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
+        let Some(reply) = reply else { continue };
+        let now = now_ms();
+        let mut docs = shared.docs.lock().expect("docs lock");
+        for stream in reply.keys {
+            let doc = doc_of(&stream.key);
+            let Some(sub) = docs.get_mut(doc) else {
+                continue;
+            };
+            for entry in stream.ids {
+                sub.last_id = entry.id.clone();
+                if field_str(&entry.map, "r").as_deref() == Some(replica) {
+                    continue;
+                }
+                let Some(payload) = field_bytes(&entry.map, "d") else {
+                    continue;
+                };
+                if let Some(sent) = field_str(&entry.map, "t").and_then(|t| t.parse::<u64>().ok()) {
+                    metrics::histogram!(m::FANOUT_LAG_SECONDS)
+                        .record(now.saturating_sub(sent) as f64 / 1000.0);
+                }
+                let remote = match field_str(&entry.map, "k").as_deref() {
+                    Some("u") => Remote::Update(payload),
+                    Some("a") => Remote::Awareness(payload),
+                    _ => continue,
+                };
+                for (_, tx) in &sub.rooms {
+                    if tx.try_send(remote.clone()).is_err() {
+                        let _ = tx.try_send(Remote::Resync);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// After an outage: a stream that is gone or was recreated behind our last
+/// id is read from its start, and every room catches up from the store.
+async fn recover(conn: &mut MultiplexedConnection, shared: &Arc<Shared>) -> redis::RedisResult<()> {
+    let docs: Vec<(Arc<str>, String)> = shared
+        .docs
+        .lock()
+        .expect("docs lock")
+        .iter()
+        .map(|(doc, sub)| (doc.clone(), sub.last_id.clone()))
+        .collect();
+    for (doc, last_id) in docs {
+        let tip: StreamRangeReply = conn.xrevrange_count(stream_key(&doc), "+", "-", 1).await?;
+        let tip = tip.ids.first().map(|e| e.id.clone());
+        let behind = tip.as_deref().is_none_or(|tip| id_less(tip, &last_id));
+        let mut subs = shared.docs.lock().expect("docs lock");
+        if let Some(sub) = subs.get_mut(&doc) {
+            if behind {
+                sub.last_id = "0-0".into();
+            }
+            for (_, tx) in &sub.rooms {
+                let _ = tx.try_send(Remote::Resync);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stream ids are `ms-seq`; compare numerically.
+fn id_less(a: &str, b: &str) -> bool {
+    let parse = |id: &str| -> (u64, u64) {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    parse(a) < parse(b)
+}
+
+fn doc_of(key: &str) -> &str {
+    key.strip_prefix("concord:{")
+        .and_then(|k| k.strip_suffix("}:updates"))
+        .unwrap_or(key)
+}
+
+fn field_bytes(map: &HashMap<String, Value>, field: &str) -> Option<Bytes> {
+    match map.get(field)? {
+        Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
+        _ => None,
+    }
+}
+
+fn field_str(map: &HashMap<String, Value>, field: &str) -> Option<String> {
+    match map.get(field)? {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let key = stream_key("team-a/notes");
+        assert_eq!(key, "concord:{team-a/notes}:updates");
+        assert_eq!(doc_of(&key), "team-a/notes");
+        assert!(id_less("1-5", "2-0"));
+        assert!(id_less("2-1", "2-10"));
+        assert!(!id_less("3-0", "2-99"));
+    }
+}

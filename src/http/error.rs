@@ -1,0 +1,50 @@
+//! The one error type of the HTTP API, mapped to a status and a JSON body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::auth::AuthError;
+use crate::room::RoomError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("no such document")]
+    NotFound,
+    #[error("{0}")]
+    TooManyConnections(String),
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    #[error("server is shutting down")]
+    Draining,
+    #[error(transparent)]
+    Room(#[from] RoomError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Auth(AuthError::Forbidden) | ApiError::OriginNotAllowed => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Room(RoomError::BadUpdate(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Room(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        (self.status(), body).into_response()
+    }
+}

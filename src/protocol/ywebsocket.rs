@@ -1,0 +1,136 @@
+//! The y-websocket dialect (y-protocols): one message per binary frame, a varint
+//! type tag (0 sync, 1 awareness, 2 auth, 3 query-awareness) and a payload.
+//! Parsing and encoding are `yrs::sync`'s; this file only decides what is
+//! acceptable from a client and builds the frames the server sends.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use bytes::Bytes;
+use yrs::encoding::read::Error as ReadError;
+use yrs::sync::awareness::AwarenessUpdate;
+use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{StateVector, Update};
+
+use super::{DecodeError, Inbound};
+
+/// Decodes one client frame. Nothing is applied here; an error means the
+/// frame must be refused whole.
+pub fn decode(frame: &[u8]) -> Result<Inbound, DecodeError> {
+    // yrs hardens its decoders against hostile lengths, but a panic on some
+    // input we have not seen must cost one connection, never the process.
+    let message = catch_unwind(|| Message::decode_v1(frame))
+        .map_err(|_| DecodeError::Malformed("decoder panicked".into()))?
+        .map_err(|e: ReadError| DecodeError::Malformed(e.to_string()))?;
+    match message {
+        Message::Sync(SyncMessage::SyncStep1(sv)) => Ok(Inbound::SyncStep1(sv)),
+        Message::Sync(SyncMessage::SyncStep2(raw)) | Message::Sync(SyncMessage::Update(raw)) => {
+            let update = decode_update(&raw)?;
+            Ok(Inbound::Update {
+                raw: Bytes::from(raw),
+                update,
+            })
+        }
+        Message::Awareness(update) => Ok(Inbound::Awareness {
+            raw: Bytes::copy_from_slice(frame),
+            update,
+        }),
+        Message::AwarenessQuery => Ok(Inbound::QueryAwareness),
+        Message::Auth(_) => Ok(Inbound::Ignored),
+        Message::Custom(tag, _) => Err(DecodeError::UnknownType(tag)),
+    }
+}
+
+/// Decodes a Yjs v1 update, for the socket and the HTTP API alike.
+pub fn decode_update(raw: &[u8]) -> Result<Update, DecodeError> {
+    catch_unwind(AssertUnwindSafe(|| Update::decode_v1(raw)))
+        .map_err(|_| DecodeError::BadUpdate("decoder panicked".into()))?
+        .map_err(|e| DecodeError::BadUpdate(e.to_string()))
+}
+
+/// Decodes a state vector sent by an HTTP client.
+pub fn decode_state_vector(raw: &[u8]) -> Result<StateVector, DecodeError> {
+    catch_unwind(|| StateVector::decode_v1(raw))
+        .map_err(|_| DecodeError::Malformed("decoder panicked".into()))?
+        .map_err(|e| DecodeError::Malformed(format!("bad state vector: {e}")))
+}
+
+pub fn sync_step1(sv: &StateVector) -> Bytes {
+    Message::Sync(SyncMessage::SyncStep1(sv.clone()))
+        .encode_v1()
+        .into()
+}
+
+pub fn sync_step2(update: Vec<u8>) -> Bytes {
+    Message::Sync(SyncMessage::SyncStep2(update))
+        .encode_v1()
+        .into()
+}
+
+pub fn update(update: &[u8]) -> Bytes {
+    Message::Sync(SyncMessage::Update(update.to_vec()))
+        .encode_v1()
+        .into()
+}
+
+pub fn awareness(update: AwarenessUpdate) -> Bytes {
+    Message::Awareness(update).encode_v1().into()
+}
+
+/// Label of a frame's message type for metrics, read from its first bytes
+/// without decoding the rest.
+pub fn message_type(frame: &[u8]) -> &'static str {
+    match frame {
+        [0, 0, ..] => "sync_step1",
+        [0, 1, ..] => "sync_step2",
+        [0, 2, ..] => "update",
+        [1, ..] => "awareness",
+        [2, ..] => "auth",
+        [3, ..] => "query_awareness",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::{Doc, GetString, ReadTxn, Text, Transact};
+
+    #[test]
+    fn update_round_trips() {
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("t");
+        text.insert(&mut doc.transact_mut(), 0, "hello");
+        let raw = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        let frame = update(&raw);
+        match decode(&frame).unwrap() {
+            Inbound::Update { raw: got, update } => {
+                assert_eq!(&got[..], &raw[..]);
+                let other = Doc::new();
+                let t = other.get_or_insert_text("t");
+                other.transact_mut().apply_update(update).unwrap();
+                assert_eq!(t.get_string(&other.transact()), "hello");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(message_type(&frame), "update");
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert!(decode(&[]).is_err());
+        assert!(matches!(decode(&[9, 0]), Err(DecodeError::UnknownType(9))));
+        // Truncated varint.
+        assert!(decode(&[0x80]).is_err());
+        // Huge declared length that is never sent.
+        assert!(decode(&[0, 2, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        // A well-framed update whose payload is not a Yjs update.
+        assert!(matches!(
+            decode(&[0, 2, 3, 0xff, 0xff, 0xff]),
+            Err(DecodeError::BadUpdate(_))
+        ));
+    }
+}

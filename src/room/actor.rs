@@ -1,0 +1,435 @@
+//! One document session: the task that owns a `yrs` Doc and its Awareness.
+//!
+//! Order of life: subscribe to the fan-out, load snapshot + log from the store
+//! (single flight: joins queue meanwhile), then serve commands until the last
+//! client has been gone for `unload_after`, flush, and retire.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use yrs::sync::awareness::AwarenessUpdate;
+use yrs::sync::{Awareness, Message};
+use yrs::updates::decoder::Decode;
+use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
+
+use super::{Command, ConnId, Peer, RoomError, Rooms, Snapshot};
+use crate::fanout::{Remote, Subscription};
+use crate::metrics as m;
+use crate::protocol::{ywebsocket, Inbound};
+use crate::store::{self, NewUpdate, Store};
+
+const CLOSE_TRY_AGAIN: u16 = 1013;
+const CLOSE_PROTOCOL: u16 = 1002;
+
+struct Member {
+    peer: Peer,
+    /// Awareness client ids this connection announced; removed when it leaves.
+    awareness_ids: HashSet<ClientID>,
+}
+
+struct Room {
+    rooms: Rooms,
+    doc_name: Arc<str>,
+    generation: u64,
+    awareness: Awareness,
+    members: HashMap<ConnId, Member>,
+    idle_since: Option<Instant>,
+}
+
+pub(super) fn spawn(rooms: Rooms, doc: Arc<str>, generation: u64, rx: mpsc::Receiver<Command>) {
+    let room = Room {
+        rooms,
+        doc_name: doc,
+        generation,
+        awareness: Awareness::new(Doc::new()),
+        members: HashMap::new(),
+        idle_since: Some(Instant::now()),
+    };
+    tokio::spawn(room.run(rx));
+}
+
+/// Serves an API read of a document no room holds, straight from the store.
+pub(super) async fn read_stored(
+    store: &dyn Store,
+    doc: &str,
+    since: &StateVector,
+) -> Result<Snapshot, RoomError> {
+    let stored = store
+        .load(doc)
+        .await
+        .map_err(|e| RoomError::Unavailable(e.to_string()))?;
+    metrics::counter!(m::STORE_LOADS).increment(1);
+    let exists = !stored.is_empty();
+    let ydoc = Doc::new();
+    store::apply_stored(&ydoc, &stored).map_err(|e| RoomError::Unavailable(e.to_string()))?;
+    let update = ydoc.transact().encode_diff_v1(since);
+    Ok(Snapshot { update, exists })
+}
+
+impl Room {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let ctx = self.rooms.context();
+        // Subscribe first: whatever is published from here on is delivered, and
+        // everything published before is already in the store we load next.
+        let subscription = match ctx.fanout.subscribe(&self.doc_name).await {
+            Ok(s) => Some(s),
+            Err(error) => {
+                tracing::warn!(doc = %self.doc_name, %error, "loading without fan-out; will resync");
+                None
+            }
+        };
+        if let Err(error) = self.load().await {
+            tracing::error!(doc = %self.doc_name, %error, "failed to load document");
+            self.fail_all(&mut rx, RoomError::Unavailable(error.to_string()));
+            return;
+        }
+        metrics::gauge!(m::DOCUMENTS_LOADED).increment(1.0);
+        self.serve(&mut rx, subscription).await;
+        metrics::gauge!(m::DOCUMENTS_LOADED).decrement(1.0);
+        self.rooms.context().committer.forget(self.doc_name.clone());
+    }
+
+    async fn load(&mut self) -> Result<(), store::StoreError> {
+        let ctx = self.rooms.context();
+        let stored = ctx.store.load(&self.doc_name).await?;
+        metrics::counter!(m::STORE_LOADS).increment(1);
+        let (entries, bytes) = (stored.updates.len() as u64, stored.log_bytes());
+        store::apply_stored(self.awareness.doc(), &stored)?;
+        ctx.committer.loaded(self.doc_name.clone(), entries, bytes);
+        Ok(())
+    }
+
+    /// The load failed: answer everything queued, and leave the registry so
+    /// the next join tries again.
+    fn fail_all(&self, rx: &mut mpsc::Receiver<Command>, error: RoomError) {
+        loop {
+            while let Ok(cmd) = rx.try_recv() {
+                match cmd {
+                    Command::Join { reply, .. } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Command::Read { reply, .. } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Command::Write { reply, .. } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Command::Leave { .. } | Command::Inbound { .. } => {}
+                }
+            }
+            if self.rooms.retire(&self.doc_name, self.generation, rx) {
+                return;
+            }
+        }
+    }
+
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>, mut sub: Option<Subscription>) {
+        let ctx = self.rooms.context();
+        let unload_after = ctx.unload_after;
+        let mut sweep = tokio::time::interval(ctx.awareness_timeout / 2);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let unload_at = self.idle_since.map(|t| t + unload_after);
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                },
+                Some(remote) = recv_remote(&mut sub) => self.handle_remote(remote).await,
+                _ = sleep_until(unload_at) => {
+                    // Flush first: once retired, a new room may load this document
+                    // from the store, which must then hold everything.
+                    self.rooms.context().committer.flush().await;
+                    if self.members.is_empty() && self.rooms.retire(&self.doc_name, self.generation, rx) {
+                        tracing::debug!(doc = %self.doc_name, "unloaded idle document");
+                        return;
+                    }
+                    self.idle_since = self.members.is_empty().then(Instant::now);
+                }
+                _ = sweep.tick() => self.expire_remote_awareness(),
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Join { conn, peer, reply } => {
+                self.join(conn, peer);
+                let _ = reply.send(Ok(()));
+            }
+            Command::Leave { conn } => self.leave(conn),
+            Command::Inbound { conn, msg } => self.inbound(conn, msg),
+            Command::Read { since, reply } => {
+                let txn = self.awareness.doc().transact();
+                let exists = !txn.state_vector().is_empty();
+                let update = txn.encode_diff_v1(&since);
+                let _ = reply.send(Ok(Snapshot { update, exists }));
+            }
+            Command::Write { raw, update, reply } => {
+                let (durable, stored) = oneshot::channel();
+                let result = self
+                    .apply_local(raw, update, None, Some(durable))
+                    .map(|()| stored);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn join(&mut self, conn: ConnId, peer: Peer) {
+        let sv = self.awareness.doc().transact().state_vector();
+        send(&peer, ywebsocket::sync_step1(&sv));
+        if let Some(states) = self.awareness_states() {
+            send(&peer, states);
+        }
+        self.members.insert(
+            conn,
+            Member {
+                peer,
+                awareness_ids: HashSet::new(),
+            },
+        );
+        self.idle_since = None;
+    }
+
+    fn leave(&mut self, conn: ConnId) {
+        let Some(member) = self.members.remove(&conn) else {
+            return;
+        };
+        if !member.awareness_ids.is_empty() {
+            for id in &member.awareness_ids {
+                self.awareness.remove_state(*id);
+            }
+            if let Ok(update) = self
+                .awareness
+                .update_with_clients(member.awareness_ids.iter().copied())
+            {
+                let frame = ywebsocket::awareness(update);
+                self.rooms
+                    .context()
+                    .fanout
+                    .publish_awareness(&self.doc_name, frame.clone());
+                self.broadcast(frame, None);
+            }
+        }
+        if self.members.is_empty() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    fn inbound(&mut self, conn: ConnId, msg: Inbound) {
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        let can_write = member.peer.can_write;
+        match msg {
+            Inbound::SyncStep1(sv) => {
+                let diff = self.awareness.doc().transact().encode_diff_v1(&sv);
+                if !send(&member.peer, ywebsocket::sync_step2(diff)) {
+                    self.leave(conn);
+                }
+            }
+            Inbound::Update { raw, update } => {
+                if !can_write {
+                    return;
+                }
+                if let Err(error) = self.apply_local(raw, update, Some(conn), None) {
+                    let member = &self.members[&conn];
+                    let code = match error {
+                        RoomError::BadUpdate(_) => CLOSE_PROTOCOL,
+                        _ => CLOSE_TRY_AGAIN,
+                    };
+                    tracing::info!(doc = %self.doc_name, %error, "update refused");
+                    member.peer.closer.close(code, error.to_string());
+                    self.leave(conn);
+                }
+            }
+            Inbound::Awareness { raw, update } => {
+                for (id, entry) in &update.clients {
+                    if &*entry.json == "null" {
+                        member.awareness_ids.remove(id);
+                    } else {
+                        member.awareness_ids.insert(*id);
+                    }
+                }
+                let _ = self.awareness.apply_update(update);
+                self.rooms
+                    .context()
+                    .fanout
+                    .publish_awareness(&self.doc_name, raw.clone());
+                // Including the sender: it is how an idle client alone in a
+                // document keeps receiving something (y-websocket's 30 s timeout).
+                self.broadcast(raw, None);
+            }
+            Inbound::QueryAwareness => {
+                if let Some(states) = self.awareness_states() {
+                    send(&self.members[&conn].peer, states);
+                }
+            }
+            Inbound::Ignored => {}
+        }
+    }
+
+    /// Applies an update from a client of this replica (socket or HTTP): in
+    /// memory, to the other local clients at once, and to the group commit,
+    /// which publishes it to other replicas once it is durable.
+    fn apply_local(
+        &mut self,
+        raw: Bytes,
+        update: Update,
+        from: Option<ConnId>,
+        durable: Option<oneshot::Sender<()>>,
+    ) -> Result<(), RoomError> {
+        let committer = &self.rooms.context().committer;
+        let reservation = committer
+            .reserve(raw.len())
+            .map_err(|e| RoomError::Unavailable(e.to_string()))?;
+        self.apply(update)?;
+        reservation.submit(
+            NewUpdate {
+                doc: self.doc_name.clone(),
+                data: raw.clone(),
+            },
+            durable,
+        );
+        self.broadcast(ywebsocket::update(&raw), from);
+        Ok(())
+    }
+
+    fn apply(&self, update: Update) -> Result<(), RoomError> {
+        let mut txn = self.awareness.doc().transact_mut();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| txn.apply_update(update)))
+            .map_err(|_| RoomError::BadUpdate("update integration panicked".into()))?
+            .map_err(|e| RoomError::BadUpdate(e.to_string()))
+    }
+
+    async fn handle_remote(&mut self, remote: Remote) {
+        match remote {
+            Remote::Update(raw) => {
+                let Ok(update) = Update::decode_v1(&raw) else {
+                    tracing::warn!(doc = %self.doc_name, "undecodable update from another replica");
+                    return;
+                };
+                if self.apply(update).is_ok() {
+                    self.broadcast(ywebsocket::update(&raw), None);
+                }
+            }
+            Remote::Awareness(frame) => {
+                if let Ok(Message::Awareness(update)) = Message::decode_v1(&frame) {
+                    let _ = self.awareness.apply_update(update);
+                    self.broadcast(frame, None);
+                }
+            }
+            Remote::Resync => self.resync().await,
+        }
+    }
+
+    /// Catches up from the store after the fan-out lost messages.
+    async fn resync(&mut self) {
+        let store = self.rooms.context().store.clone();
+        let stored = match store.load(&self.doc_name).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(doc = %self.doc_name, %error, "resync from store failed");
+                return;
+            }
+        };
+        metrics::counter!(m::STORE_LOADS).increment(1);
+        let before = self.awareness.doc().transact().state_vector();
+        if let Err(error) = store::apply_stored(self.awareness.doc(), &stored) {
+            tracing::error!(doc = %self.doc_name, %error, "resync found corrupt data");
+            return;
+        }
+        let diff = self.awareness.doc().transact().encode_diff_v1(&before);
+        if !is_empty_update(&diff) {
+            self.broadcast(ywebsocket::update(&diff), None);
+        }
+    }
+
+    /// Drops states of clients on other replicas that stopped renewing them
+    /// (their replica died); local clients are removed when they leave.
+    fn expire_remote_awareness(&mut self) {
+        let timeout = self.rooms.context().awareness_timeout.as_millis() as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let local: HashSet<ClientID> = self
+            .members
+            .values()
+            .flat_map(|m| m.awareness_ids.iter().copied())
+            .collect();
+        let stale: Vec<ClientID> = self
+            .awareness
+            .iter()
+            .filter(|(id, state)| {
+                state.data.is_some()
+                    && !local.contains(id)
+                    && now.saturating_sub(state.last_updated) > timeout
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        for id in &stale {
+            self.awareness.remove_state(*id);
+        }
+        if let Ok(update) = self.awareness.update_with_clients(stale) {
+            self.broadcast(ywebsocket::awareness(update), None);
+        }
+    }
+
+    fn awareness_states(&self) -> Option<Bytes> {
+        let update: AwarenessUpdate = self.awareness.update().ok()?;
+        (!update.clients.is_empty()).then(|| ywebsocket::awareness(update))
+    }
+
+    /// Queues a frame for every member but `except`. A member whose queue is
+    /// full is a slow consumer: it is closed with 1013, reconnects and resyncs.
+    fn broadcast(&mut self, frame: Bytes, except: Option<ConnId>) {
+        let mut dropped = Vec::new();
+        for (conn, member) in &self.members {
+            if Some(*conn) != except && !send(&member.peer, frame.clone()) {
+                dropped.push(*conn);
+            }
+        }
+        for conn in dropped {
+            self.leave(conn);
+        }
+    }
+}
+
+/// Queues a frame for one peer; false when the peer is gone or too slow.
+fn send(peer: &Peer, frame: Bytes) -> bool {
+    match peer.outbox.try_send(frame) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            peer.closer
+                .close(CLOSE_TRY_AGAIN, "slow consumer: outgoing queue overflowed");
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// A Yjs v1 update with no structs and no deletions: two zero varints.
+fn is_empty_update(update: &[u8]) -> bool {
+    update == [0, 0]
+}
+
+async fn recv_remote(sub: &mut Option<Subscription>) -> Option<Remote> {
+    match sub {
+        Some(sub) => sub.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

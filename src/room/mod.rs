@@ -1,0 +1,239 @@
+//! Document sessions. [`Rooms`] is the registry of loaded documents; each
+//! [`actor`] task owns one document's `yrs` Doc and Awareness and is the only
+//! place they change.
+//!
+//! Everything reaches a room as a [`Command`] sent while holding the registry
+//! lock, and a room leaves the registry under that same lock only when its
+//! queue is empty, so a command can never land in a room that is going away.
+//! A new room loads before it reads its queue: clients joining a cold document
+//! at once wait for that one load (single flight).
+
+mod actor;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use yrs::{StateVector, Update};
+
+use crate::connection::Closer;
+use crate::fanout::Fanout;
+use crate::protocol::Inbound;
+use crate::store::committer::Committer;
+use crate::store::Store;
+
+/// A command queue this deep means the room cannot keep up; joins are refused.
+const COMMAND_QUEUE: usize = 4096;
+
+pub type ConnId = u64;
+
+/// What a room needs from one client connection.
+pub struct Peer {
+    /// Frames for the client; full means a slow consumer (closed with 1013).
+    pub outbox: mpsc::Sender<Bytes>,
+    pub closer: Arc<Closer>,
+    /// Readers' document updates are dropped; their awareness is not.
+    pub can_write: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RoomError {
+    #[error("document storage is unavailable: {0}")]
+    Unavailable(String),
+    #[error("document is overloaded; try again later")]
+    Busy,
+    #[error("update could not be applied: {0}")]
+    BadUpdate(String),
+}
+
+/// The document as a Yjs update, for the HTTP API.
+pub struct Snapshot {
+    pub update: Vec<u8>,
+    /// False when the document holds nothing at all (never written).
+    pub exists: bool,
+}
+
+pub(crate) enum Command {
+    Join {
+        conn: ConnId,
+        peer: Peer,
+        reply: oneshot::Sender<Result<(), RoomError>>,
+    },
+    Leave {
+        conn: ConnId,
+    },
+    Inbound {
+        conn: ConnId,
+        msg: Inbound,
+    },
+    Read {
+        since: StateVector,
+        reply: oneshot::Sender<Result<Snapshot, RoomError>>,
+    },
+    Write {
+        raw: Bytes,
+        update: Update,
+        /// Answered with a receiver that fires once the update is durable.
+        reply: oneshot::Sender<Result<oneshot::Receiver<()>, RoomError>>,
+    },
+}
+
+/// What every room shares.
+pub struct RoomContext {
+    pub store: Arc<dyn Store>,
+    pub committer: Committer,
+    pub fanout: Arc<dyn Fanout>,
+    pub unload_after: Duration,
+    /// States of clients on other replicas that are not renewed for this long are dropped.
+    pub awareness_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct Rooms {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rooms: Mutex<HashMap<Arc<str>, Entry>>,
+    ctx: RoomContext,
+    next_id: AtomicU64,
+}
+
+struct Entry {
+    tx: mpsc::Sender<Command>,
+    generation: u64,
+}
+
+/// A connection's membership of a room.
+pub struct Member {
+    tx: mpsc::Sender<Command>,
+    pub conn: ConnId,
+}
+
+impl Member {
+    /// Hands a decoded message to the room, waiting when its queue is full.
+    pub async fn send(&self, msg: Inbound) -> bool {
+        self.tx
+            .send(Command::Inbound {
+                conn: self.conn,
+                msg,
+            })
+            .await
+            .is_ok()
+    }
+
+    pub async fn leave(self) {
+        let _ = self.tx.send(Command::Leave { conn: self.conn }).await;
+    }
+}
+
+impl Rooms {
+    pub fn new(ctx: RoomContext) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                rooms: Mutex::new(HashMap::new()),
+                ctx,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn context(&self) -> &RoomContext {
+        &self.inner.ctx
+    }
+
+    pub fn loaded(&self) -> usize {
+        self.inner.rooms.lock().expect("rooms lock").len()
+    }
+
+    /// Joins the document's room (loading it if needed); the room sends the
+    /// initial sync to `peer.outbox` before answering.
+    pub async fn join(&self, doc: &str, peer: Peer) -> Result<Member, RoomError> {
+        let conn = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let tx = self
+            .dispatch(doc, true, Command::Join { conn, peer, reply })?
+            .expect("spawned");
+        answer
+            .await
+            .map_err(|_| RoomError::Unavailable("room stopped".into()))??;
+        Ok(Member { tx, conn })
+    }
+
+    /// The document's current state (or the diff against `since`). Served from
+    /// memory when loaded here, else straight from the store.
+    pub async fn read(&self, doc: &str, since: StateVector) -> Result<Snapshot, RoomError> {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Read {
+            since: since.clone(),
+            reply,
+        };
+        match self.dispatch(doc, false, cmd)? {
+            Some(_) => answer
+                .await
+                .map_err(|_| RoomError::Unavailable("room stopped".into()))?,
+            None => actor::read_stored(&*self.inner.ctx.store, doc, &since).await,
+        }
+    }
+
+    /// Merges an update as if a client had sent it; resolves once it is durable.
+    pub async fn write(&self, doc: &str, raw: Bytes, update: Update) -> Result<(), RoomError> {
+        let (reply, answer) = oneshot::channel();
+        self.dispatch(doc, true, Command::Write { raw, update, reply })?;
+        let durable = answer
+            .await
+            .map_err(|_| RoomError::Unavailable("room stopped".into()))??;
+        durable
+            .await
+            .map_err(|_| RoomError::Unavailable("stopped before the update was stored".into()))
+    }
+
+    /// Sends a command to the document's room under the registry lock,
+    /// spawning the room when `spawn` is set; `None` when it is not loaded
+    /// and not spawned (the command is dropped).
+    fn dispatch(
+        &self,
+        doc: &str,
+        spawn: bool,
+        cmd: Command,
+    ) -> Result<Option<mpsc::Sender<Command>>, RoomError> {
+        let mut rooms = self.inner.rooms.lock().expect("rooms lock");
+        let tx = match rooms.get(doc) {
+            Some(entry) => entry.tx.clone(),
+            None if spawn => {
+                let doc: Arc<str> = doc.into();
+                let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+                let generation = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                rooms.insert(
+                    doc.clone(),
+                    Entry {
+                        tx: tx.clone(),
+                        generation,
+                    },
+                );
+                actor::spawn(self.clone(), doc, generation, rx);
+                tx
+            }
+            None => return Ok(None),
+        };
+        tx.try_send(cmd).map_err(|_| RoomError::Busy)?;
+        Ok(Some(tx))
+    }
+
+    /// Removes a room from the registry if it is still the one registered and
+    /// nothing is queued for it. Called by the room itself.
+    fn retire(&self, doc: &str, generation: u64, rx: &mut mpsc::Receiver<Command>) -> bool {
+        let mut rooms = self.inner.rooms.lock().expect("rooms lock");
+        if !rx.is_empty() {
+            return false;
+        }
+        if rooms.get(doc).is_some_and(|e| e.generation == generation) {
+            rooms.remove(doc);
+        }
+        rx.close();
+        true
+    }
+}

@@ -1,0 +1,206 @@
+//! Wires the parts together and runs `concord serve` until a signal, then
+//! drains: readiness 503, sockets closed with 1012, pending updates flushed,
+//! exit within ten seconds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::config::ServeArgs;
+use crate::fanout::local::{LocalFanout, LocalHub};
+use crate::fanout::Fanout;
+use crate::health::Health;
+use crate::http::{self, AppState, ClientAddrs};
+use crate::room::{RoomContext, Rooms};
+use crate::store::committer::{Committer, CompactionPolicy};
+use crate::store::{self, StoreError};
+
+/// The whole shutdown, from signal to exit.
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(10);
+/// y-protocols drops awareness states not renewed for this long.
+const AWARENESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let replica: Arc<str> = args
+        .replica_id
+        .clone()
+        .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()))
+        .into();
+    let metrics = crate::metrics::install(&replica)?;
+    let database = redact_url(&args.db.database_url);
+
+    let store = store::open(&args.db.database_url)
+        .await
+        .with_context(|| format!("cannot open the database at {database}"))?;
+    if args.auto_migrate() {
+        for (version, description) in store.migrate().await? {
+            tracing::info!(version, description, "applied migration");
+        }
+    } else {
+        let pending = store.pending_migrations().await?;
+        if !pending.is_empty() {
+            let list = pending
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(StoreError::PendingMigrations(list).into());
+        }
+    }
+
+    let fanout: Arc<dyn Fanout> = match &args.redis_url {
+        Some(url) => Arc::new(
+            crate::fanout::redis::RedisFanout::connect(url, replica.clone())
+                .await
+                .with_context(|| format!("cannot start Redis fan-out at {}", redact_url(url)))?,
+        ),
+        None => Arc::new(LocalFanout::new(LocalHub::default(), replica.clone())),
+    };
+    let health = Arc::new(Health::default());
+    let limits = Arc::new(args.limits.clone());
+    let (committer, commit_task) = Committer::spawn(
+        store.clone(),
+        fanout.clone(),
+        health.clone(),
+        CompactionPolicy {
+            max_entries: limits.compact_after_updates,
+            max_bytes: limits.compact_after_bytes,
+        },
+        limits.persist_budget_bytes,
+    );
+    let rooms = Rooms::new(RoomContext {
+        store: store.clone(),
+        committer: committer.clone(),
+        fanout,
+        unload_after: limits.unload_after,
+        awareness_timeout: AWARENESS_TIMEOUT,
+    });
+
+    let verifier = Verifier::from_args(&args.auth)?.map(Arc::new);
+    if verifier.is_none() {
+        tracing::warn!("no CONCORD_JWT_SECRET or CONCORD_JWT_PUBLIC_KEY: auth is off, anyone can read and write every document");
+    }
+
+    let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let state = AppState {
+        rooms,
+        health: health.clone(),
+        limits,
+        verifier,
+        allowed_origins: args.allowed_origins.clone().map(Arc::new),
+        client_addrs: ClientAddrs::new(
+            args.trusted_proxies.clone().unwrap_or_default(),
+            args.max_connections_per_ip,
+        ),
+        metrics,
+        shutdown: shutdown.clone(),
+        connections: connections.clone(),
+    };
+
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, replica = %replica, database, "concord listening");
+    // Tests and scripts that bind port 0 read the address from here.
+    println!("concord listening on {addr}");
+
+    let drained = CancellationToken::new();
+    let drain = tokio::spawn(drain_on_signal(
+        health,
+        shutdown,
+        connections,
+        committer,
+        drained.clone(),
+    ));
+    axum::serve(
+        listener,
+        http::router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(drained.cancelled_owned())
+    .await?;
+    drain.await?;
+    // The last committer clone lives in the rooms; the task ends with the process.
+    drop(commit_task);
+    store.close().await;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn drain_on_signal(
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    committer: Committer,
+    drained: CancellationToken,
+) {
+    wait_for_signal().await;
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET - Duration::from_secs(1);
+    tracing::info!("shutting down: draining connections");
+    health.start_draining();
+    shutdown.cancel();
+    connections.close();
+    if tokio::time::timeout_at(deadline, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the shutdown deadline");
+    }
+    if tokio::time::timeout_at(deadline, committer.flush())
+        .await
+        .is_err()
+    {
+        tracing::error!("pending updates could not be stored before exit; clients will re-send them on reconnect");
+    }
+    drained.cancel();
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// A connection URL with its password replaced, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://concord.db"),
+            "sqlite://concord.db"
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! Postgres store: the production record, shared by every replica.
+//!
+//! Several replicas may append to and compact one document at once. A
+//! compaction serialises with other compactions of the same document through a
+//! transaction-scoped advisory lock and deletes only the row ids it folded, so
+//! a row appended (or committed late with a lower id) meanwhile is never lost.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, QueryBuilder, Row};
+
+use super::{fold, pending_versions, NewUpdate, Store, StoreError, StoredDoc};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Postgres allows 65535 bind parameters per statement; two per row.
+const ROWS_PER_INSERT: usize = 8192;
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    async fn applied(&self) -> Result<Vec<i64>, StoreError> {
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64,)> =
+            sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(v,)| v).collect())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn load(&self, doc: &str) -> Result<StoredDoc, StoreError> {
+        // One snapshot of the database for both reads, so a compaction that
+        // commits in between cannot make its folded rows vanish from this load.
+        let mut txn = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let snapshot: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = $1")
+                .bind(doc)
+                .fetch_optional(&mut *txn)
+                .await?;
+        let updates: Vec<(Vec<u8>,)> =
+            sqlx::query_as("SELECT data FROM document_updates WHERE doc = $1 ORDER BY id")
+                .bind(doc)
+                .fetch_all(&mut *txn)
+                .await?;
+        txn.commit().await?;
+        Ok(StoredDoc {
+            snapshot: snapshot.map(|(d,)| d),
+            updates: updates.into_iter().map(|(d,)| d).collect(),
+        })
+    }
+
+    async fn append(&self, batch: &[NewUpdate]) -> Result<(), StoreError> {
+        let mut txn = self.pool.begin().await?;
+        for chunk in batch.chunks(ROWS_PER_INSERT) {
+            QueryBuilder::new("INSERT INTO document_updates (doc, data) ")
+                .push_values(chunk, |mut row, u| {
+                    row.push_bind(&*u.doc).push_bind(&u.data[..]);
+                })
+                .build()
+                .execute(&mut *txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    async fn compact(&self, doc: &str) -> Result<u64, StoreError> {
+        let mut txn = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+            .bind(doc)
+            .execute(&mut *txn)
+            .await?;
+        let snapshot: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = $1")
+                .bind(doc)
+                .fetch_optional(&mut *txn)
+                .await?;
+        let rows = sqlx::query("SELECT id, data FROM document_updates WHERE doc = $1 ORDER BY id")
+            .bind(doc)
+            .fetch_all(&mut *txn)
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
+        let folded = fold(snapshot.as_ref().map(|(d,)| &d[..]), &updates)?;
+        sqlx::query(
+            "INSERT INTO document_snapshots (doc, data) VALUES ($1, $2)
+             ON CONFLICT (doc) DO UPDATE SET data = excluded.data, updated_at = now()",
+        )
+        .bind(doc)
+        .bind(folded)
+        .execute(&mut *txn)
+        .await?;
+        sqlx::query("DELETE FROM document_updates WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *txn)
+            .await?;
+        txn.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let applied = self.applied().await?;
+        Ok(pending_versions(&MIGRATOR, &applied)
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect())
+    }
+
+    async fn migrate(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        let pending = pending_versions(&MIGRATOR, &self.applied().await?);
+        MIGRATOR.run(&self.pool).await?;
+        Ok(pending)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

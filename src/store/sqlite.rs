@@ -1,0 +1,152 @@
+//! Embedded SQLite store: the zero-setup default for a single node.
+//!
+//! WAL with `synchronous=FULL`, so a commit survives the process being killed
+//! (and power loss). SQLite has one writer at a time; appends and compactions
+//! take the write lock up front (`BEGIN IMMEDIATE`) and wait on `busy_timeout`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, SqlitePool};
+
+use super::{fold, pending_versions, NewUpdate, Store, StoreError, StoredDoc};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// SQLite's bound-parameter limit is 32766; two per row leaves ample margin.
+const ROWS_PER_INSERT: usize = 4096;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    async fn applied(&self) -> Result<Vec<i64>, StoreError> {
+        let exists: Option<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64,)> =
+            sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success = 1")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(v,)| v).collect())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self, doc: &str) -> Result<StoredDoc, StoreError> {
+        // One read transaction, so the snapshot and the log are from one instant.
+        let mut txn = self.pool.begin().await?;
+        let snapshot: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = ?")
+                .bind(doc)
+                .fetch_optional(&mut *txn)
+                .await?;
+        let updates: Vec<(Vec<u8>,)> =
+            sqlx::query_as("SELECT data FROM document_updates WHERE doc = ? ORDER BY id")
+                .bind(doc)
+                .fetch_all(&mut *txn)
+                .await?;
+        txn.commit().await?;
+        Ok(StoredDoc {
+            snapshot: snapshot.map(|(d,)| d),
+            updates: updates.into_iter().map(|(d,)| d).collect(),
+        })
+    }
+
+    async fn append(&self, batch: &[NewUpdate]) -> Result<(), StoreError> {
+        let mut txn = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in batch.chunks(ROWS_PER_INSERT) {
+            QueryBuilder::new("INSERT INTO document_updates (doc, data) ")
+                .push_values(chunk, |mut row, u| {
+                    row.push_bind(&*u.doc).push_bind(&u.data[..]);
+                })
+                .build()
+                .execute(&mut *txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    async fn compact(&self, doc: &str) -> Result<u64, StoreError> {
+        let mut txn = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let snapshot: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = ?")
+                .bind(doc)
+                .fetch_optional(&mut *txn)
+                .await?;
+        let rows = sqlx::query("SELECT id, data FROM document_updates WHERE doc = ? ORDER BY id")
+            .bind(doc)
+            .fetch_all(&mut *txn)
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let max_id: i64 = rows.last().map(|r| r.get(0)).unwrap_or_default();
+        let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
+        let folded = fold(snapshot.as_ref().map(|(d,)| &d[..]), &updates)?;
+        sqlx::query(
+            "INSERT INTO document_snapshots (doc, data) VALUES (?, ?)
+             ON CONFLICT (doc) DO UPDATE SET data = excluded.data, updated_at = unixepoch()",
+        )
+        .bind(doc)
+        .bind(folded)
+        .execute(&mut *txn)
+        .await?;
+        // The write lock is held since BEGIN IMMEDIATE, so the rows up to max_id
+        // are exactly the ones read above.
+        sqlx::query("DELETE FROM document_updates WHERE doc = ? AND id <= ?")
+            .bind(doc)
+            .bind(max_id)
+            .execute(&mut *txn)
+            .await?;
+        txn.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let applied = self.applied().await?;
+        Ok(pending_versions(&MIGRATOR, &applied)
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect())
+    }
+
+    async fn migrate(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        let pending = pending_versions(&MIGRATOR, &self.applied().await?);
+        MIGRATOR.run(&self.pool).await?;
+        Ok(pending)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,126 @@
+//! Durability on the embedded SQLite store: restarts, SIGKILL, shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test]
+async fn restart_on_the_same_file_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("restart");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    for i in 0..50 {
+        a.insert("t", i, "x").await;
+    }
+    let expected = a.text("t");
+    let server = server.restart();
+    let b = Client::connect(&server.ws_url(&doc)).await;
+    assert_eq!(b.text("t"), expected);
+}
+
+#[tokio::test]
+async fn sigkill_keeps_edits_older_than_100ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::sqlite(&dir).start();
+    let doc = unique("sigkill");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    for i in 0..200 {
+        a.insert("t", i, "k").await;
+    }
+    let expected = a.text("t");
+    // The contract: accepted updates are durable within 100 ms.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.kill();
+    let server = server.start_again();
+    let b = Client::connect(&server.ws_url(&doc)).await;
+    assert_eq!(b.text("t"), expected);
+}
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1012_flushes_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::sqlite(&dir).start();
+    let doc = unique("shutdown");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    a.insert("t", 0, "last words").await;
+    let mut b = Client::connect(&server.ws_url(&doc)).await;
+    b.wait_text("t", "last words").await;
+
+    signal(&server.child, "TERM");
+    let (code, _) = a.wait_close().await;
+    assert_eq!(code, 1012);
+    let status = wait_exit(&mut server.child, Duration::from_secs(10)).expect("exit within 10 s");
+    assert!(status.success(), "exit status {status}");
+
+    let server = server.start_again();
+    let c = Client::connect(&server.ws_url(&doc)).await;
+    assert_eq!(c.text("t"), "last words");
+}
+
+#[tokio::test]
+async fn compaction_folds_the_log_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir)
+        .arg("--compact-after-updates")
+        .arg("50")
+        .start();
+    let doc = unique("compact");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    for i in 0..400 {
+        a.insert("t", i, "c").await;
+    }
+    let expected = a.text("t");
+    server
+        .wait_metric("concord_compactions_total", |v| v >= 1.0)
+        .await;
+    let server = server.restart();
+    let b = Client::connect(&server.ws_url(&doc)).await;
+    assert_eq!(b.text("t"), expected);
+    // The log really was folded: fewer rows than updates remain.
+    let pool = sqlx::SqlitePool::connect(&sqlite_url(&dir)).await.unwrap();
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM document_updates WHERE doc = ?")
+        .bind(&doc)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(rows < 400, "{rows} log rows left");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::sqlite(&dir).start();
+    let ok = reqwest::get(server.http("/healthz")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let ready = reqwest::get(server.http("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    // While draining, readiness is 503. A client that never reads holds the
+    // drain open for up to a second (the server waits that long for its close reply).
+    let doc = unique("drain");
+    let _silent = Client::open(&server.ws_url(&doc), yrs::Doc::new())
+        .await
+        .unwrap();
+    signal(&server.child, "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match reqwest::get(server.http("/readyz")).await {
+            Ok(resp) if resp.status() == 503 => {
+                let body = resp.text().await.unwrap();
+                assert!(body.contains("draining"), "{body}");
+                break;
+            }
+            Ok(resp) => assert_eq!(resp.status(), 200),
+            Err(e) => panic!("listener closed before readiness turned 503: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never turned 503"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = wait_exit(&mut server.child, Duration::from_secs(10)).expect("exit within 10 s");
+    assert!(status.success());
+}

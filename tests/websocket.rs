@@ -1,0 +1,224 @@
+//! The y-websocket protocol against a real server process on SQLite.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use yrs::{Doc, ReadTxn, Text, Transact};
+
+#[tokio::test]
+async fn two_clients_converge_and_a_late_joiner_gets_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("team-a/notes");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    let mut b = Client::connect(&server.ws_url(&doc)).await;
+
+    a.insert("t", 0, "hello").await;
+    b.wait_text("t", "hello").await;
+    b.insert("t", 5, " world").await;
+    a.wait_text("t", "hello world").await;
+
+    let late = Client::connect(&server.ws_url(&doc)).await;
+    assert_eq!(late.text("t"), "hello world");
+    // Names with a slash reach the same document through the API.
+    let stored = fetch_doc(&server, &doc).await.expect("stored");
+    assert_eq!(text_of(&stored, "t"), "hello world");
+}
+
+#[tokio::test]
+async fn reconnect_step2_holds_exactly_the_missing_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("diff");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    a.insert("t", 0, &"x".repeat(10_000)).await;
+    let mut b = Client::connect(&server.ws_url(&doc)).await;
+    b.wait_text("t", &"x".repeat(10_000)).await;
+
+    // B goes away; A writes a little more.
+    let b_doc = std::mem::replace(&mut b.doc, Doc::new());
+    b.close().await;
+    let sv_b = b_doc.transact().state_vector();
+    a.insert("t", 0, "abc").await;
+    // A third client shows what the server holds now.
+    let mut server_state = Client::connect(&server.ws_url(&doc)).await;
+    server_state
+        .wait_text("t", &format!("abc{}", "x".repeat(10_000)))
+        .await;
+    let expected = server_state.doc.transact().encode_diff_v1(&sv_b);
+
+    let b = Client::connect_with(&server.ws_url(&doc), b_doc).await;
+    let step2 = b.step2s.last().unwrap();
+    assert_eq!(
+        step2, &expected,
+        "step 2 is the diff against the client's state vector"
+    );
+    assert!(
+        step2.len() < 100,
+        "resync sent {} bytes for a 3-char edit",
+        step2.len()
+    );
+    assert_eq!(b.text("t"), format!("abc{}", "x".repeat(10_000)));
+}
+
+#[tokio::test]
+async fn offline_edits_merge_on_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("offline");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    a.insert("t", 0, "base").await;
+    let mut b = Client::connect(&server.ws_url(&doc)).await;
+    b.wait_text("t", "base").await;
+
+    let offline = std::mem::replace(&mut a.doc, Doc::new());
+    a.close().await;
+    // Edit while offline: nothing is sent.
+    {
+        let text = offline.get_or_insert_text("t");
+        text.insert(&mut offline.transact_mut(), 4, " offline");
+    }
+    b.insert("t", 0, "online ").await;
+    // Reconnecting answers the server's step 1 with the offline edit.
+    let mut a = Client::connect_with(&server.ws_url(&doc), offline).await;
+    b.wait_text("t", "online base offline").await;
+    a.wait_text("t", "online base offline").await;
+}
+
+#[tokio::test]
+async fn awareness_appears_for_everyone_and_disappears_on_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("presence");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    let mut b = Client::connect(&server.ws_url(&doc)).await;
+    let a_id = a.client_id();
+
+    a.set_awareness(1, r#"{"user":"ada"}"#).await;
+    b.pump_until(|c| c.awareness.get(&a_id).is_some_and(Option::is_some))
+        .await;
+    // The sender gets its own state back: an idle client alone still hears from the server.
+    a.pump_until(|c| c.awareness.get(&a_id).is_some_and(Option::is_some))
+        .await;
+
+    // A late joiner receives current states on connect.
+    let mut c = Client::connect(&server.ws_url(&doc)).await;
+    c.pump_until(|c| c.awareness.get(&a_id).is_some_and(Option::is_some))
+        .await;
+
+    a.close().await;
+    b.pump_until(|c| c.awareness.get(&a_id) == Some(&None))
+        .await;
+    c.pump_until(|c| c.awareness.get(&a_id) == Some(&None))
+        .await;
+}
+
+#[tokio::test]
+async fn idle_client_alone_keeps_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let mut a = Client::connect(&server.ws_url(&unique("alone"))).await;
+    for clock in 1..=3 {
+        let before = a.awareness_frames;
+        a.set_awareness(clock, r#"{"user":"solo"}"#).await;
+        a.pump_until(|c| c.awareness_frames > before).await;
+    }
+}
+
+#[tokio::test]
+async fn query_awareness_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("query");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    a.set_awareness(1, r#"{"n":1}"#).await;
+    let a_id = a.client_id();
+    a.pump_until(|c| c.awareness.contains_key(&a_id)).await;
+    let mut b = Client::connect(&server.ws_url(&doc)).await;
+    b.pump_until(|c| c.awareness.contains_key(&a_id)).await;
+    let before = b.awareness_frames;
+    b.send(yrs::sync::Message::AwarenessQuery).await;
+    b.pump_until(|c| c.awareness_frames > before).await;
+}
+
+#[tokio::test]
+async fn cold_load_is_single_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir)
+        .arg("--unload-after")
+        .arg("200ms")
+        .start();
+    let doc = unique("cold");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    a.insert("t", 0, "stored").await;
+    a.close().await;
+    // Wait for the room to flush and unload.
+    server
+        .wait_metric("concord_documents_loaded", |v| v == 0.0)
+        .await;
+    let loads_before = server.metric("concord_store_loads_total").await;
+
+    let url = server.ws_url(&doc);
+    let clients = futures::future::join_all((0..20).map(|_| {
+        let url = url.clone();
+        async move { Client::connect(&url).await }
+    }))
+    .await;
+    for c in &clients {
+        assert_eq!(c.text("t"), "stored");
+    }
+    let loads = server.metric("concord_store_loads_total").await - loads_before;
+    assert_eq!(
+        loads, 1.0,
+        "20 concurrent joins of a cold document caused {loads} loads"
+    );
+}
+
+#[tokio::test]
+async fn idle_document_is_flushed_and_unloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir)
+        .arg("--unload-after")
+        .arg("300ms")
+        .start();
+    let doc = unique("unload");
+    let mut a = Client::connect(&server.ws_url(&doc)).await;
+    a.insert("t", 0, "kept").await;
+    server
+        .wait_metric("concord_documents_loaded", |v| v == 1.0)
+        .await;
+    a.close().await;
+    server
+        .wait_metric("concord_documents_loaded", |v| v == 0.0)
+        .await;
+    let b = Client::connect(&server.ws_url(&doc)).await;
+    assert_eq!(b.text("t"), "kept");
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_with_1013_and_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir)
+        .arg("--outbox-capacity")
+        .arg("4")
+        .start();
+    let doc = unique("slow");
+    let mut slow = Client::connect(&server.ws_url(&doc)).await;
+    let mut writer = Client::connect(&server.ws_url(&doc)).await;
+    // The slow client reads nothing while large updates pile up in the
+    // kernel buffers and then in its outbox.
+    let chunk = "y".repeat(256 * 1024);
+    for i in 0..60 {
+        writer.insert("t", i * chunk.len() as u32, &chunk).await;
+    }
+    let expected = writer.text("t");
+    let (code, reason) = slow.wait_close().await;
+    assert_eq!(code, 1013, "reason: {reason}");
+    // Reconnecting resyncs everything; nothing was lost for anyone.
+    let slow_doc = std::mem::replace(&mut slow.doc, Doc::new());
+    let again = Client::connect_with(&server.ws_url(&doc), slow_doc).await;
+    assert_eq!(again.text("t"), expected);
+    assert!(writer.stays_open(Duration::from_millis(200)).await);
+}
