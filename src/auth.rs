@@ -73,7 +73,8 @@ impl Verifier {
     /// Builds a verifier from the flags; `Ok(None)` when no key is configured.
     pub fn from_args(args: &AuthArgs) -> anyhow::Result<Option<Self>> {
         let mut keys = Vec::new();
-        if let Some(secret) = &args.jwt_secret {
+        // An empty variable (common in compose files) means unset, not "sign with ''".
+        if let Some(secret) = args.jwt_secret.as_ref().filter(|s| !s.is_empty()) {
             keys.push((
                 DecodingKey::from_secret(secret.as_bytes()),
                 validation(Algorithm::HS256, args),
