@@ -50,12 +50,17 @@ pub fn router(state: AppState) -> Router {
             post(docs::write).layer(axum::extract::DefaultBodyLimit::max(body_limit)),
         )
         .layer(
-            tower_http::trace::TraceLayer::new_for_http().make_span_with(
-                // The path only: query strings carry tokens.
-                |req: &axum::http::Request<_>| {
-                    tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
-                },
-            ),
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(
+                    // The path only: query strings carry tokens.
+                    |req: &axum::http::Request<_>| {
+                        tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
+                    },
+                )
+                // A 503 from /readyz is an answer, not a server failure.
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                ),
         )
         .with_state(state)
 }

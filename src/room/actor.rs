@@ -282,6 +282,14 @@ impl Room {
         from: Option<ConnId>,
         durable: Option<oneshot::Sender<()>>,
     ) -> Result<(), RoomError> {
+        if update.is_empty() {
+            // Every client answers our step 1 with a step 2, mostly empty:
+            // nothing to apply, store or broadcast.
+            if let Some(durable) = durable {
+                let _ = durable.send(());
+            }
+            return Ok(());
+        }
         let committer = &self.rooms.context().committer;
         let reservation = committer
             .reserve(raw.len())

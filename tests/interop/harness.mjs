@@ -1,6 +1,6 @@
 // Starts real `concord` processes and real y-websocket providers for the
 // interop tests. Every wait is bounded.
-import { spawn } from 'node:child_process'
+import { spawn, execFileSync } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, dirname } from 'node:path'
@@ -79,4 +79,11 @@ export const synced = (p) => until(() => p.synced, 'sync')
 
 export function destroyAll (...providers) {
   for (const p of providers) p.destroy()
+}
+
+/** A fresh PostgreSQL database (via psql), so suites never share state. */
+export function freshPostgres () {
+  const name = `concord_interop_${process.pid}_${Date.now()}_${counter++}`
+  execFileSync('psql', ['-h', '127.0.0.1', '-U', 'postgres', '-d', 'postgres', '-qc', `CREATE DATABASE ${name}`])
+  return `postgres://postgres@127.0.0.1:5432/${name}`
 }
