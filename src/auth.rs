@@ -126,14 +126,20 @@ fn validation(alg: Algorithm, args: &AuthArgs) -> Validation {
     v.validate_exp = true;
     // jsonwebtoken ignores nbf unless asked.
     v.validate_nbf = true;
-    v.set_required_spec_claims(&["exp"]);
+    // A configured audience or issuer must be present, not merely match when present.
+    let mut required = vec!["exp"];
     match &args.jwt_audience {
-        Some(aud) => v.set_audience(&[aud]),
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            required.push("aud");
+        }
         None => v.validate_aud = false,
     }
     if let Some(iss) = &args.jwt_issuer {
         v.set_issuer(&[iss]);
+        required.push("iss");
     }
+    v.set_required_spec_claims(&required);
     v
 }
 
