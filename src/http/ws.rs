@@ -28,7 +28,12 @@ pub async fn upgrade(
     match admit(&state, peer, &uri, &query, &headers) {
         Ok((doc, slot, auth)) => {
             let limit = state.limits.max_message_bytes;
-            ws.max_message_size(limit)
+            // tungstenite's default 128 KiB read buffer per socket would dominate
+            // the memory of an idle connection; frames larger than this are
+            // still read, in more than one go.
+            ws.read_buffer_size(4096)
+                .write_buffer_size(0)
+                .max_message_size(limit)
                 .max_frame_size(limit)
                 .on_upgrade(move |socket| {
                     let tracker = state.connections.clone();

@@ -1,0 +1,437 @@
+//! Load generator speaking the y-websocket protocol, measuring Concord side
+//! by side with the reference server (`@y/websocket-server`) in one run.
+//! Servers are pinned to core 0, this generator to core 1 (`taskset`).
+//!
+//! Run with `benches/run` (it installs the peers and raises the fd limit);
+//! results are appended to BENCHMARKS.md.
+//!
+//! Scenarios:
+//! - fan-out: ROOMS rooms × CLIENTS clients, one writer per room sending
+//!   RATE updates/s; latency from the writer's send to each reader's receipt.
+//! - idle: IDLE clients connected and synced, then idle; server RSS growth per connection.
+//! - cross-replica: the fan-out scenario with writers on replica 1 and readers
+//!   on replica 2 (PostgreSQL + Redis), next to a single replica on the same stores.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, Map, Out, ReadTxn, Transact, Update};
+
+struct Config {
+    rooms: usize,
+    clients: usize,
+    rate: u64,
+    seconds: u64,
+    idle: usize,
+}
+
+fn main() {
+    // Pin before the runtime starts, so every worker thread inherits it.
+    let pid = std::process::id().to_string();
+    let pinned = Command::new("taskset")
+        .args(["-p", "-c", "1", &pid])
+        .stdout(Stdio::null())
+        .status();
+    assert!(
+        pinned.is_ok_and(|s| s.success()),
+        "taskset (util-linux) is required"
+    );
+    let quick = std::env::args().any(|a| a == "--quick");
+    let config = if quick {
+        Config {
+            rooms: 10,
+            clients: 5,
+            rate: 10,
+            seconds: 3,
+            idle: 300,
+        }
+    } else {
+        Config {
+            rooms: 100,
+            clients: 10,
+            rate: 10,
+            seconds: 20,
+            idle: 5000,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(config));
+}
+
+async fn run(c: Config) {
+    let mut report = String::new();
+    let cmd = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect::<Vec<_>>()
+        .join(" ");
+    report.push_str(&format!(
+        "\n## Fan-out and idle memory ({})\n\nCommand: `benches/run{}{}`. Servers pinned to core 0, generator to core 1. \
+         Fan-out: {} rooms × {} clients (1 writer + {} readers per room), {} updates/s per writer, {} s measured. \
+         Idle: {} clients, synced then idle. Concord runs on embedded SQLite (every update persisted); \
+         the reference server keeps documents in memory only. Concord runs with `--max-connections-per-ip 100000` \
+         since every generated client comes from 127.0.0.1.\n\n",
+        today(),
+        if cmd.is_empty() { "" } else { " " },
+        cmd,
+        c.rooms,
+        c.clients,
+        c.clients - 1,
+        c.rate,
+        c.seconds,
+        c.idle
+    ));
+    report.push_str("| server | fan-out p50 | fan-out p99 | deliveries | generator CPU | RSS idle baseline | RSS per idle connection |\n");
+    report.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for target in ["concord", "y-websocket reference"] {
+        let (mut server, url) = start(target, &dir, "fanout");
+        let fan = fanout(&url, &url, &c).await;
+        stop(&mut server);
+        let (mut server, url) = start(target, &dir, "idle");
+        let (base, per) = idle(&url, server.id(), c.idle).await;
+        stop(&mut server);
+        rows.push((target, fan, base, per));
+    }
+    for (target, fan, base, per) in &rows {
+        report.push_str(&format!(
+            "| {target} | {:.2} ms | {:.2} ms | {} | {:.0}% | {:.1} MiB | {:.1} KiB |\n",
+            fan.p50,
+            fan.p99,
+            fan.deliveries,
+            fan.cpu,
+            base / 1024.0,
+            per
+        ));
+    }
+
+    // Cross-replica through Redis, next to one replica on the same stores.
+    let db = fresh_postgres().await;
+    let (mut single, single_url) = start_concord(
+        &db,
+        &[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--replica-id",
+            "solo",
+        ],
+    );
+    let solo = fanout(&single_url, &single_url, &c).await;
+    stop(&mut single);
+    let (mut r1, url1) = start_concord(
+        &db,
+        &[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--replica-id",
+            "b1",
+        ],
+    );
+    let (mut r2, url2) = start_concord(
+        &db,
+        &[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--replica-id",
+            "b2",
+        ],
+    );
+    let cross = fanout(&url1, &url2, &c).await;
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        for url in [&url1, &url2] {
+            let http = url.replace("ws://", "http://").replace("/ws", "/metrics");
+            let body = reqwest::get(http).await.unwrap().text().await.unwrap();
+            for line in body
+                .lines()
+                .filter(|l| l.contains("persist_seconds") || l.contains("lag_seconds"))
+            {
+                eprintln!("{line}");
+            }
+        }
+    }
+    stop(&mut r1);
+    stop(&mut r2);
+    report.push_str(&format!(
+        "\nCross-replica (PostgreSQL + Redis Streams; both replicas on core 0, PostgreSQL and Redis unpinned):\n\n\
+         | topology | p50 | p99 | deliveries | generator CPU |\n| --- | --- | --- | --- | --- |\n\
+         | one replica | {:.2} ms | {:.2} ms | {} | {:.0}% |\n| writer on replica 1, readers on replica 2 | {:.2} ms | {:.2} ms | {} | {:.0}% |\n",
+        solo.p50, solo.p99, solo.deliveries, solo.cpu, cross.p50, cross.p99, cross.deliveries, cross.cpu
+    ));
+    println!("{report}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
+    let mut existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    existing.push_str(&report);
+    std::fs::write(path, existing).unwrap();
+}
+
+fn today() -> String {
+    let out = Command::new("date").arg("+%Y-%m-%d").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn start(target: &str, dir: &tempfile::TempDir, tag: &str) -> (Child, String) {
+    match target {
+        "concord" => {
+            let db = format!(
+                "sqlite://{}",
+                dir.path().join(format!("{tag}.db")).display()
+            );
+            start_concord(&db, &[])
+        }
+        _ => {
+            let port = free_port();
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/benches/peers/node_modules/@y/websocket-server/src/server.js"
+            );
+            let child = Command::new("taskset")
+                .args(["-c", "0", "node", script])
+                .env("HOST", "127.0.0.1")
+                .env("PORT", port.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("node");
+            wait_port(port);
+            (child, format!("ws://127.0.0.1:{port}"))
+        }
+    }
+}
+
+fn start_concord(db: &str, extra: &[&str]) -> (Child, String) {
+    let port = free_port();
+    let child = Command::new("taskset")
+        .args(["-c", "0", env!("CARGO_BIN_EXE_concord"), "serve", "--bind"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "--database-url",
+            db,
+            "--auto-migrate",
+            "true",
+            "--max-connections-per-ip",
+            "100000",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("concord");
+    wait_port(port);
+    (child, format!("ws://127.0.0.1:{port}/ws"))
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn fresh_postgres() -> String {
+    use sqlx::Connection;
+    let name = format!("concord_bench_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+        .execute(&mut admin)
+        .await;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    format!("postgres://postgres@127.0.0.1:5432/{name}")
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects and completes the sync handshake.
+async fn connect(url: &str) -> (Socket, Doc) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let doc = Doc::new();
+    let sv = doc.transact().state_vector();
+    ws.send(Ws::Binary(
+        Message::Sync(SyncMessage::SyncStep1(sv)).encode_v1().into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let Some(Ok(Ws::Binary(data))) = ws.next().await else {
+            panic!("closed during handshake")
+        };
+        match Message::decode_v1(&data) {
+            Ok(Message::Sync(SyncMessage::SyncStep2(u))) => {
+                doc.transact_mut()
+                    .apply_update(Update::decode_v1(&u).unwrap())
+                    .unwrap();
+                return (ws, doc);
+            }
+            Ok(Message::Sync(SyncMessage::SyncStep1(_))) => {
+                let reply = Message::Sync(SyncMessage::SyncStep2(Update::EMPTY_V1.to_vec()));
+                ws.send(Ws::Binary(reply.encode_v1().into())).await.unwrap();
+            }
+            _ => {}
+        }
+    }
+}
+
+struct FanoutResult {
+    p50: f64,
+    p99: f64,
+    deliveries: usize,
+    cpu: f64,
+}
+
+async fn fanout(writer_url: &str, reader_url: &str, c: &Config) -> FanoutResult {
+    let base = Instant::now();
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for room in 0..c.rooms {
+        let name = format!("bench-{}-{room}", std::process::id());
+        for _ in 1..c.clients {
+            let (mut ws, doc) = connect(&format!("{reader_url}/{name}")).await;
+            let (latencies, measuring, stop) = (latencies.clone(), measuring.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let map = doc.get_or_insert_map("m");
+                let mut local = Vec::new();
+                loop {
+                    let msg = tokio::select! {
+                        m = ws.next() => m,
+                        _ = stop.cancelled() => break,
+                    };
+                    let Some(Ok(Ws::Binary(data))) = msg else {
+                        break;
+                    };
+                    if let Ok(Message::Sync(SyncMessage::Update(u))) = Message::decode_v1(&data) {
+                        doc.transact_mut()
+                            .apply_update(Update::decode_v1(&u).unwrap())
+                            .unwrap();
+                        let sent = match map.get(&doc.transact(), "t") {
+                            Some(Out::Any(yrs::Any::Number(t))) => t.as_f64().unwrap_or_default(),
+                            _ => continue,
+                        };
+                        if measuring.load(std::sync::atomic::Ordering::Relaxed) {
+                            local.push(base.elapsed().as_secs_f64() * 1000.0 - sent);
+                        }
+                    }
+                }
+                latencies.lock().await.extend(local);
+            }));
+        }
+        let (mut ws, doc) = connect(&format!("{writer_url}/{name}")).await;
+        let (stop, rate) = (stop.clone(), c.rate);
+        tasks.push(tokio::spawn(async move {
+            let map = doc.get_or_insert_map("m");
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / rate));
+            // Spread writers over the interval.
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % (1000 / rate))).await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => break,
+                }
+                let before = doc.transact().state_vector();
+                map.insert(
+                    &mut doc.transact_mut(),
+                    "t",
+                    base.elapsed().as_secs_f64() * 1000.0,
+                );
+                let update = doc.transact().encode_diff_v1(&before);
+                let frame = Message::Sync(SyncMessage::Update(update)).encode_v1();
+                if ws.send(Ws::Binary(frame.into())).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu_start = cpu_seconds();
+    let wall = Instant::now();
+    measuring.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(c.seconds)).await;
+    measuring.store(false, std::sync::atomic::Ordering::Relaxed);
+    let cpu = (cpu_seconds() - cpu_start) / wall.elapsed().as_secs_f64() * 100.0;
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut l = std::mem::take(&mut *latencies.lock().await);
+    l.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    FanoutResult {
+        p50: pct(0.50),
+        p99: pct(0.99),
+        deliveries: l.len(),
+        cpu,
+    }
+}
+
+/// This process's user + system CPU seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+async fn idle(url: &str, pid: u32, n: usize) -> (f64, f64) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = rss_kib(pid);
+    let mut sockets = Vec::with_capacity(n);
+    for i in 0..n {
+        sockets.push(connect(&format!("{url}/idle-{}-{}", std::process::id(), i / 10)).await);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(pid);
+    drop(sockets);
+    (base, (after - base) / n as f64)
+}

@@ -1,0 +1,163 @@
+//! Store throughput and cold loads, on SQLite and PostgreSQL, through the same
+//! group-commit path rooms use. Run with `benches/run store`; results are
+//! appended to BENCHMARKS.md.
+//!
+//! - persisted updates/s: small text updates over 100 documents, submitted as
+//!   fast as possible, until the final flush says all are durable.
+//! - cold load: a document whose log holds 100,000 updates (100 chars each,
+//!   about 10 MB of text), loaded (snapshot + log, applied to a fresh Doc)
+//!   before and after compaction.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use concord::fanout::local::{LocalFanout, LocalHub};
+use concord::health::Health;
+use concord::store::committer::{Committer, CompactionPolicy};
+use concord::store::{self, NewUpdate, Store};
+use yrs::{Doc, ReadTxn, Text, Transact};
+
+const DOCS: usize = 100;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (updates, log) = if quick {
+        (20_000, 10_000)
+    } else {
+        (200_000, 100_000)
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
+        let postgres = fresh_postgres().await;
+        let mut report = format!(
+            "\n## Store ({})\n\nCommand: `benches/run store{}`. Group commit as rooms use it; {updates} small text updates over {DOCS} documents; \
+             a {log}-update log of 100-character inserts for the cold load (load = read snapshot + log and apply to a fresh Doc).\n\n\
+             | store | persisted updates/s | cold load, {log} log rows | cold load after compaction | compacted size |\n| --- | --- | --- | --- | --- |\n",
+            today(),
+            if quick { " --quick" } else { "" }
+        );
+        for (name, url) in [("SQLite", sqlite), ("PostgreSQL", postgres)] {
+            let store = store::open(&url).await.unwrap();
+            store.migrate().await.unwrap();
+            let rate = persisted_per_second(store.clone(), updates).await;
+            let (before, after, size) = cold_load(store.clone(), log).await;
+            report.push_str(&format!(
+                "| {name} | {rate:.0} | {:.0} ms | {:.1} ms | {:.1} MB |\n",
+                before.as_secs_f64() * 1000.0,
+                after.as_secs_f64() * 1000.0,
+                size as f64 / 1e6
+            ));
+            store.close().await;
+        }
+        println!("{report}");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
+        let mut existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+        existing.push_str(&report);
+        std::fs::write(path, existing).unwrap();
+    });
+}
+
+fn today() -> String {
+    let out = std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+async fn fresh_postgres() -> String {
+    use sqlx::Connection;
+    let name = format!("concord_bench_store_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    format!("postgres://postgres@127.0.0.1:5432/{name}")
+}
+
+/// Small updates, as a typing user produces them: one character each.
+fn typing(n: usize) -> Vec<Bytes> {
+    let doc = Doc::new();
+    let text = doc.get_or_insert_text("t");
+    (0..n)
+        .map(|i| {
+            let before = doc.transact().state_vector();
+            text.insert(&mut doc.transact_mut(), i as u32, "a");
+            Bytes::from(doc.transact().encode_diff_v1(&before))
+        })
+        .collect()
+}
+
+async fn persisted_per_second(store: Arc<dyn Store>, n: usize) -> f64 {
+    let fanout = Arc::new(LocalFanout::new(LocalHub::default(), "bench".into()));
+    let policy = CompactionPolicy {
+        max_entries: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+    let (committer, _task) = Committer::spawn(
+        store,
+        fanout,
+        Arc::new(Health::default()),
+        policy,
+        usize::MAX / 2,
+    );
+    let per_doc = typing(n / DOCS);
+    let docs: Vec<Arc<str>> = (0..DOCS)
+        .map(|d| format!("persist-{}-{d}", std::process::id()).into())
+        .collect();
+    let started = Instant::now();
+    for update in &per_doc {
+        for doc in &docs {
+            let reservation = committer.reserve(update.len()).unwrap();
+            reservation.submit(
+                NewUpdate {
+                    doc: doc.clone(),
+                    data: update.clone(),
+                },
+                None,
+            );
+        }
+        // Yield now and then, as rooms on other tasks would.
+        tokio::task::yield_now().await;
+    }
+    committer.flush().await;
+    (per_doc.len() * DOCS) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn cold_load(store: Arc<dyn Store>, n: usize) -> (Duration, Duration, usize) {
+    let doc: Arc<str> = format!("cold-{}", std::process::id()).into();
+    let ydoc = Doc::new();
+    let text = ydoc.get_or_insert_text("t");
+    let chunk = "0123456789".repeat(10);
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let before = ydoc.transact().state_vector();
+        text.insert(&mut ydoc.transact_mut(), (i * 100) as u32, &chunk);
+        batch.push(NewUpdate {
+            doc: doc.clone(),
+            data: Bytes::from(ydoc.transact().encode_diff_v1(&before)),
+        });
+        if batch.len() == 5000 {
+            store.append(&batch).await.unwrap();
+            batch.clear();
+        }
+    }
+    store.append(&batch).await.unwrap();
+    let load = || async {
+        let started = Instant::now();
+        let stored = store.load(&doc).await.unwrap();
+        let fresh = Doc::new();
+        store::apply_stored(&fresh, &stored).unwrap();
+        (started.elapsed(), stored.snapshot.map_or(0, |s| s.len()))
+    };
+    let (before, _) = load().await;
+    store.compact(&doc).await.unwrap();
+    let (after, size) = load().await;
+    (before, after, size)
+}
