@@ -136,9 +136,11 @@ async fn cold_load(store: Arc<dyn Store>, n: usize) -> (Duration, Duration, usiz
     let text = ydoc.get_or_insert_text("t");
     let chunk = "0123456789".repeat(10);
     let mut batch = Vec::new();
-    for i in 0..n {
+    for _ in 0..n {
         let before = ydoc.transact().state_vector();
-        text.insert(&mut ydoc.transact_mut(), (i * 100) as u32, &chunk);
+        // Prepend: appends by one client merge into one ever-growing block,
+        // and encoding each diff would then split it (quadratic set-up).
+        text.insert(&mut ydoc.transact_mut(), 0, &chunk);
         batch.push(NewUpdate {
             doc: doc.clone(),
             data: Bytes::from(ydoc.transact().encode_diff_v1(&before)),

@@ -124,3 +124,46 @@ async fn health_and_readiness() {
     let status = wait_exit(&mut server.child, Duration::from_secs(10)).expect("exit within 10 s");
     assert!(status.success());
 }
+
+/// Updates past one group commit's byte limit go into the next commit; none is dropped.
+#[tokio::test]
+async fn group_commit_splits_large_batches_without_dropping_any() {
+    use concord::fanout::local::{LocalFanout, LocalHub};
+    use concord::store::committer::{Committer, CompactionPolicy};
+    use concord::store::{self, NewUpdate};
+    use std::sync::Arc;
+    use yrs::{Doc, ReadTxn, Text, Transact};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::open(&sqlite_url(&dir)).await.unwrap();
+    store.migrate().await.unwrap();
+    let (committer, _task) = Committer::spawn(
+        store.clone(),
+        Arc::new(LocalFanout::new(LocalHub::default(), "t".into())),
+        Default::default(),
+        CompactionPolicy {
+            max_entries: u64::MAX,
+            max_bytes: u64::MAX,
+        },
+        usize::MAX / 2,
+    );
+    let doc: Arc<str> = unique("big-batches").into();
+    let ydoc = Doc::new();
+    let text = ydoc.get_or_insert_text("t");
+    // Five 7 MiB updates queued at once exceed the 16 MiB per-commit limit twice.
+    for i in 0..5u32 {
+        let before = ydoc.transact().state_vector();
+        text.insert(&mut ydoc.transact_mut(), 0, &i.to_string().repeat(7 << 20));
+        let data = bytes::Bytes::from(ydoc.transact().encode_diff_v1(&before));
+        committer.reserve(data.len()).unwrap().submit(
+            NewUpdate {
+                doc: doc.clone(),
+                data,
+            },
+            None,
+        );
+    }
+    committer.flush().await;
+    let stored = store.load(&doc).await.unwrap();
+    assert_eq!(stored.updates.len(), 5);
+}

@@ -183,12 +183,27 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Item>) {
-        let mut items = Vec::new();
-        while rx.recv_many(&mut items, MAX_BATCH_ROWS).await > 0 {
+        let mut received = Vec::new();
+        // What did not fit in the previous batch stays first in line.
+        let mut queue = std::collections::VecDeque::new();
+        loop {
+            if queue.is_empty() {
+                if rx.recv_many(&mut received, MAX_BATCH_ROWS).await == 0 {
+                    return;
+                }
+            } else {
+                while received.len() < MAX_BATCH_ROWS {
+                    match rx.try_recv() {
+                        Ok(item) => received.push(item),
+                        Err(_) => break,
+                    }
+                }
+            }
+            queue.extend(received.drain(..));
             let mut batch = Vec::new();
             let mut acks = Vec::new();
             let mut bytes = 0;
-            for item in items.drain(..) {
+            while let Some(item) = queue.pop_front() {
                 match item {
                     Item::Update { update, ack } => {
                         bytes += update.data.len();
@@ -216,12 +231,10 @@ impl Worker {
                         }
                     }
                 }
-                if bytes >= MAX_BATCH_BYTES {
+                if bytes >= MAX_BATCH_BYTES || batch.len() >= MAX_BATCH_ROWS {
                     break;
                 }
             }
-            // What did not fit stays first in line for the next round.
-            let rest: Vec<Item> = items.drain(..).collect();
             if !batch.is_empty() {
                 self.commit(&batch).await;
                 self.pending_bytes.fetch_sub(bytes, Ordering::SeqCst);
@@ -241,7 +254,6 @@ impl Worker {
             for ack in acks {
                 let _ = ack.send(());
             }
-            items = rest;
         }
     }
 
