@@ -53,11 +53,16 @@ export async function startServer ({ databaseUrl, env = {}, args = [] } = {}) {
  * each other behind the server's back.
  */
 export function provider (server, doc, ydoc = new Y.Doc(), opts = {}) {
-  return new WebsocketProvider(server.url, doc, ydoc, {
+  const p = new WebsocketProvider(server.url, doc, ydoc, {
     WebSocketPolyfill: WebSocket,
     disableBc: true,
     ...opts
   })
+  // provider.destroy() leaves the Awareness it created (and its timer) alive,
+  // which would keep the test process from exiting.
+  const destroy = p.destroy.bind(p)
+  p.destroy = () => { destroy(); p.awareness.destroy() }
+  return p
 }
 
 /** Resolves when `pred()` holds, checking on every doc/awareness change and on a short poll. */
