@@ -16,13 +16,11 @@ use yrs::updates::decoder::Decode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
 use super::{Command, ConnId, Peer, RoomError, Rooms, Snapshot};
+use crate::connection::{close, sleep_until};
 use crate::fanout::{Remote, Subscription};
 use crate::metrics as m;
 use crate::protocol::{ywebsocket, Inbound};
 use crate::store::{self, NewUpdate, Store};
-
-const CLOSE_TRY_AGAIN: u16 = 1013;
-const CLOSE_PROTOCOL: u16 = 1002;
 
 struct Member {
     peer: Peer,
@@ -86,9 +84,7 @@ impl Room {
             self.fail_all(&mut rx, RoomError::Unavailable(error.to_string()));
             return;
         }
-        metrics::gauge!(m::DOCUMENTS_LOADED).increment(1.0);
         self.serve(&mut rx, subscription).await;
-        metrics::gauge!(m::DOCUMENTS_LOADED).decrement(1.0);
         self.rooms.context().committer.forget(self.doc_name.clone());
     }
 
@@ -238,8 +234,8 @@ impl Room {
                 if let Err(error) = self.apply_local(raw, update, Some(conn), None) {
                     let member = &self.members[&conn];
                     let code = match error {
-                        RoomError::BadUpdate(_) => CLOSE_PROTOCOL,
-                        _ => CLOSE_TRY_AGAIN,
+                        RoomError::BadUpdate(_) => close::PROTOCOL_ERROR,
+                        _ => close::TRY_AGAIN,
                     };
                     tracing::info!(doc = %self.doc_name, %error, "update refused");
                     member.peer.closer.close(code, error.to_string());
@@ -416,7 +412,7 @@ fn send(peer: &Peer, frame: Bytes) -> bool {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             peer.closer
-                .close(CLOSE_TRY_AGAIN, "slow consumer: outgoing queue overflowed");
+                .close(close::TRY_AGAIN, "slow consumer: outgoing queue overflowed");
             false
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -431,13 +427,6 @@ fn is_empty_update(update: &[u8]) -> bool {
 async fn recv_remote(sub: &mut Option<Subscription>) -> Option<Remote> {
     match sub {
         Some(sub) => sub.rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }
