@@ -3,6 +3,7 @@
 //! Data flows one way: socket ([`http`]) → [`connection`] → document [`room`]
 //! → local broadcast, [`fanout`] to other replicas, and the [`store`].
 
+pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod connection;

@@ -6,6 +6,9 @@ use clap::Parser;
 use concord::config::{Cli, Command, LogFormat, MigrateArgs};
 use concord::server::redact_url;
 
+#[global_allocator]
+static ALLOCATOR: concord::alloc::CappedAllocator = concord::alloc::CappedAllocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

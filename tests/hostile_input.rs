@@ -61,8 +61,33 @@ async fn garbage_frames_close_with_1002() {
         1002,
     )
     .await;
+    // Found by the fuzzer: 18 bytes whose client count asks for 88 GB.
+    survives(
+        &server,
+        vec![b"\x00\x02\x0f\xb5\xb5\xb5\xb5\xb5\xb5\x74\x05hell\x00\x04".to_vec()],
+        1002,
+    )
+    .await;
+    // A client count that is large but possible to reserve (2^28), which
+    // overcommit would grant: refused without touching the memory.
+    survives(
+        &server,
+        vec![vec![0, 2, 6, 0x80, 0x80, 0x80, 0x80, 0x01, 0]],
+        1002,
+    )
+    .await;
     // Awareness that does not decode.
     survives(&server, vec![vec![1, 3, 1, 0xff]], 1002).await;
+
+    // None of it cost real memory: the server's peak RSS stays small (the
+    // 2^28 count alone would have touched 512 MB of hash table control bytes).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 256 * 1024, "peak RSS {peak_kib} KiB");
 }
 
 #[tokio::test]
