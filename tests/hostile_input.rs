@@ -76,6 +76,14 @@ async fn garbage_frames_close_with_1002() {
         1002,
     )
     .await;
+    // Found by the fuzzer: an awareness client id over 53 bits makes yrs panic
+    // while decoding; the panic costs this connection only.
+    survives(
+        &server,
+        vec![b"\x01\x0f\x08\xb9\xff\xff\xff\xff\xff\x60\x01\x84\x7b\x3a\x32\x7d\x20".to_vec()],
+        1002,
+    )
+    .await;
     // Awareness that does not decode.
     survives(&server, vec![vec![1, 3, 1, 0xff]], 1002).await;
 
