@@ -89,6 +89,12 @@ pub async fn run(
     };
     let end = match rooms.join(&session.doc, peer).await {
         Ok(member) => {
+            tracing::info!(
+                doc = %session.doc,
+                user = session.user.as_deref().unwrap_or("-"),
+                write = session.can_write,
+                "connection opened"
+            );
             let end = serve(
                 &mut socket,
                 &member,
