@@ -12,6 +12,8 @@
 //! - cross-replica: the fan-out scenario with writers on replica 1 and readers
 //!   on replica 2 (PostgreSQL + Redis), next to a single replica on the same stores.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,7 +84,7 @@ async fn run(c: Config) {
          Idle: {} clients, synced then idle. Concord runs on embedded SQLite (every update persisted); \
          the reference server keeps documents in memory only. Concord runs with `--max-connections-per-ip 100000` \
          since every generated client comes from 127.0.0.1.\n\n",
-        today(),
+        common::today(),
         if cmd.is_empty() { "" } else { " " },
         cmd,
         c.rooms,
@@ -170,16 +172,7 @@ async fn run(c: Config) {
          | one replica | {:.2} ms | {:.2} ms | {} | {:.0}% |\n| writer on replica 1, readers on replica 2 | {:.2} ms | {:.2} ms | {} | {:.0}% |\n",
         solo.p50, solo.p99, solo.deliveries, solo.cpu, cross.p50, cross.p99, cross.deliveries, cross.cpu
     ));
-    println!("{report}");
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
-    let mut existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    existing.push_str(&report);
-    std::fs::write(path, existing).unwrap();
-}
-
-fn today() -> String {
-    let out = Command::new("date").arg("+%Y-%m-%d").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    common::append_report(&report);
 }
 
 fn start(target: &str, dir: &tempfile::TempDir, tag: &str) -> (Child, String) {

@@ -8,6 +8,8 @@
 //!   about 10 MB of text), loaded (snapshot + log, applied to a fresh Doc)
 //!   before and after compaction.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +38,7 @@ fn main() {
             "\n## Store ({})\n\nCommand: `benches/run store{}`. Group commit as rooms use it; {updates} small text updates over {DOCS} documents; \
              a {log}-update log of 100-character inserts for the cold load (load = read snapshot + log and apply to a fresh Doc).\n\n\
              | store | persisted updates/s | cold load, {log} log rows | cold load after compaction | compacted size |\n| --- | --- | --- | --- | --- |\n",
-            today(),
+            common::today(),
             if quick { " --quick" } else { "" }
         );
         for (name, url) in [("SQLite", sqlite), ("PostgreSQL", postgres)] {
@@ -52,20 +54,8 @@ fn main() {
             ));
             store.close().await;
         }
-        println!("{report}");
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
-        let mut existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-        existing.push_str(&report);
-        std::fs::write(path, existing).unwrap();
+        common::append_report(&report);
     });
-}
-
-fn today() -> String {
-    let out = std::process::Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 async fn fresh_postgres() -> String {

@@ -119,18 +119,7 @@ async fn bad_requests() {
 #[tokio::test]
 async fn a_posted_update_reaches_clients_on_both_replicas_and_survives_restart() {
     let db = fresh_postgres().await;
-    let start = |id: &str| {
-        Server::builder(db.clone())
-            .args([
-                "--auto-migrate",
-                "true",
-                "--redis-url",
-                &shared_redis_url(),
-                "--replica-id",
-                id,
-            ])
-            .start()
-    };
+    let start = |id: &str| Server::replica(&db, &shared_redis_url(), id).start();
     let (r1, r2) = (start("api1"), start("api2"));
     let doc = unique("api/replicated");
     let mut a = Client::connect(&r1.ws_url(&doc)).await;

@@ -84,15 +84,7 @@ async fn clients_through_nginx_reach_both_replicas_and_converge() {
     let db = fresh_postgres().await;
     let redis = shared_redis_url();
     let start = |id: &str| {
-        Server::builder(db.clone())
-            .args([
-                "--auto-migrate",
-                "true",
-                "--redis-url",
-                &redis,
-                "--replica-id",
-                id,
-            ])
+        Server::replica(&db, &redis, id)
             .args([
                 "--trusted-proxies",
                 "127.0.0.1/32",

@@ -11,16 +11,7 @@ use yrs::Doc;
 
 async fn pair(redis_url: &str) -> (Server, Server) {
     let db = fresh_postgres().await;
-    let start = |id: &str| {
-        Server::builder(db.clone())
-            .arg("--auto-migrate")
-            .arg("true")
-            .arg("--redis-url")
-            .arg(redis_url)
-            .arg("--replica-id")
-            .arg(id)
-            .start()
-    };
+    let start = |id: &str| Server::replica(&db, redis_url, id).start();
     (start("r1"), start("r2"))
 }
 

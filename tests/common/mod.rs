@@ -76,6 +76,19 @@ impl Server {
         }
     }
 
+    /// One replica of a multi-replica set: shared PostgreSQL `db` (migrated at
+    /// start) and Redis fan-out, named `id`.
+    pub fn replica(db: &str, redis: &str, id: &str) -> ServerBuilder {
+        Self::builder(db).args([
+            "--auto-migrate",
+            "true",
+            "--redis-url",
+            redis,
+            "--replica-id",
+            id,
+        ])
+    }
+
     /// A server on a fresh SQLite file in `dir`.
     pub fn sqlite(dir: &tempfile::TempDir) -> ServerBuilder {
         Self::builder(sqlite_url(dir))
