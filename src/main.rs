@@ -40,7 +40,10 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| "info,sqlx=warn,tower_http=info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Reporting a failed log write goes through `eprintln!`, which panics
+        // when stderr is a closed pipe: a task that logs would die mid-way.
+        .log_internal_errors(false);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -108,8 +108,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.bind))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, replica = %replica, database, "concord listening");
-    // Tests and scripts that bind port 0 read the address from here.
-    println!("concord listening on {addr}");
+    // Tests and scripts that bind port 0 read the address from here. Not
+    // `println!`: it panics when stdout is a closed pipe.
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "concord listening on {addr}").and_then(|()| stdout.flush());
+    }
 
     let drained = CancellationToken::new();
     let drain = tokio::spawn(drain_on_signal(
@@ -140,7 +145,10 @@ async fn drain_on_signal(
     committer: Committer,
     drained: CancellationToken,
 ) {
+    // Whatever happens below, axum's graceful shutdown must be released.
+    let _release = drained.drop_guard();
     wait_for_signal().await;
+    watchdog();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET - Duration::from_secs(1);
     tracing::info!("shutting down: draining connections");
     health.start_draining();
@@ -158,7 +166,16 @@ async fn drain_on_signal(
     {
         tracing::error!("pending updates could not be stored before exit; clients will re-send them on reconnect");
     }
-    drained.cancel();
+}
+
+/// The last resort of the shutdown budget: a plain thread, so it fires even if
+/// the runtime is wedged, that ends the process when the drain overran.
+fn watchdog() {
+    std::thread::spawn(|| {
+        std::thread::sleep(SHUTDOWN_BUDGET);
+        tracing::error!("shutdown overran its budget; exiting");
+        std::process::exit(1);
+    });
 }
 
 async fn wait_for_signal() {

@@ -44,6 +44,7 @@ pub struct ServerBuilder {
     database_url: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    closed_stderr: bool,
 }
 
 impl ServerBuilder {
@@ -62,8 +63,20 @@ impl ServerBuilder {
         self
     }
 
+    /// Give the server a stderr pipe whose reading end is already closed, as
+    /// `concord | head` does once `head` has seen enough.
+    pub fn closed_stderr(mut self) -> Self {
+        self.closed_stderr = true;
+        self
+    }
+
     pub fn start(self) -> Server {
-        Server::spawn(self.database_url, self.args, self.env, "127.0.0.1:0".into())
+        let stderr = if self.closed_stderr {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        };
+        Server::spawn(self.database_url, self.args, self.env, stderr)
     }
 }
 
@@ -73,6 +86,7 @@ impl Server {
             database_url: database_url.into(),
             args: Vec::new(),
             env: Vec::new(),
+            closed_stderr: false,
         }
     }
 
@@ -98,12 +112,12 @@ impl Server {
         database_url: String,
         args: Vec<String>,
         env: Vec<(String, String)>,
-        bind: String,
+        stderr: Stdio,
     ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_concord"));
         cmd.arg("serve")
             .arg("--bind")
-            .arg(&bind)
+            .arg("127.0.0.1:0")
             .arg("--database-url")
             .arg(&database_url)
             .args(&args)
@@ -114,11 +128,12 @@ impl Server {
                 std::env::var("CONCORD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in &env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn concord");
+        drop(child.stderr.take());
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -161,7 +176,7 @@ impl Server {
             self.database_url.clone(),
             self.args.clone(),
             self.env.clone(),
-            "127.0.0.1:0".into(),
+            Stdio::inherit(),
         )
     }
 
