@@ -6,7 +6,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
-use yrs::encoding::read::Error as ReadError;
+use yrs::encoding::read::{Cursor, Error as ReadError, Read};
 use yrs::sync::awareness::AwarenessUpdate;
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
@@ -18,6 +18,9 @@ use super::{DecodeError, Inbound};
 /// Decodes one client frame. Nothing is applied here; an error means the
 /// frame must be refused whole.
 pub fn decode(frame: &[u8]) -> Result<Inbound, DecodeError> {
+    if frame.first() == Some(&1) {
+        check_awareness_client_ids(&frame[1..])?;
+    }
     // yrs hardens its decoders against hostile lengths, but a panic on some
     // input we have not seen must cost one connection, never the process.
     let message = catch_unwind(|| Message::decode_v1(frame))
@@ -40,6 +43,30 @@ pub fn decode(frame: &[u8]) -> Result<Inbound, DecodeError> {
         Message::Auth(_) => Ok(Inbound::Ignored),
         Message::Custom(tag, _) => Err(DecodeError::UnknownType(tag)),
     }
+}
+
+/// Yjs client ids are 53-bit (a JavaScript number). yrs asserts that in
+/// debug builds and silently drops the high bits in release ones, so a larger
+/// id would either panic or alias another client: refuse it before yrs sees it.
+fn check_awareness_client_ids(payload: &[u8]) -> Result<(), DecodeError> {
+    const MAX_CLIENT_ID: u64 = (1 << 53) - 1;
+    let bad = |e: ReadError| DecodeError::BadAwareness(e.to_string());
+    let mut outer = Cursor::new(payload);
+    let mut entries = Cursor::new(outer.read_buf().map_err(bad)?);
+    let count: u32 = entries.read_var().map_err(bad)?;
+    // Each entry takes at least three bytes, so a lying count ends at the
+    // first read past the end.
+    for _ in 0..count {
+        let client: u64 = entries.read_var().map_err(bad)?;
+        if client > MAX_CLIENT_ID {
+            return Err(DecodeError::BadAwareness(format!(
+                "client id {client} is over 53 bits"
+            )));
+        }
+        let _clock: u32 = entries.read_var().map_err(bad)?;
+        entries.read_string().map_err(bad)?;
+    }
+    Ok(())
 }
 
 /// Decodes a Yjs v1 update, for the socket and the HTTP API alike.
@@ -127,6 +154,11 @@ mod tests {
         assert!(decode(&[0x80]).is_err());
         // Huge declared length that is never sent.
         assert!(decode(&[0, 2, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        // An awareness client id a JavaScript client could not hold.
+        let mut over = vec![1, 11, 1];
+        over.extend([0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]);
+        over.extend([1, 0]);
+        assert!(matches!(decode(&over), Err(DecodeError::BadAwareness(_))));
         // A well-framed update whose payload is not a Yjs update.
         assert!(matches!(
             decode(&[0, 2, 3, 0xff, 0xff, 0xff]),
