@@ -139,6 +139,10 @@ pub struct Limits {
     #[arg(long, env = "CONCORD_OUTBOX_CAPACITY", default_value_t = 1024)]
     pub outbox_capacity: usize,
 
+    /// Bytes queued for one socket before it counts as a slow consumer (close 1013).
+    #[arg(long, env = "CONCORD_OUTBOX_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub outbox_bytes: usize,
+
     /// Bytes of accepted-but-unstored updates held in memory while the database is away;
     /// past it new writes are refused (close 1013) instead of growing without bound.
     #[arg(long, env = "CONCORD_PERSIST_BUDGET_BYTES", default_value_t = 256 * 1024 * 1024)]

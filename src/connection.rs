@@ -3,6 +3,7 @@
 //! the room queues for it. Every way a connection ends is a close code.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -56,6 +57,70 @@ impl Closer {
     }
 }
 
+/// The frames queued for one socket, bounded in count and in bytes. Frames
+/// are shared between recipients, but a slow reader sitting on many large
+/// ones would keep them alive without bound.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// Why a frame could not be queued.
+pub enum Overflow {
+    /// A slow consumer: it is to be closed with 1013.
+    Full,
+    /// The connection has already ended.
+    Gone,
+}
+
+impl Outbox {
+    fn new(frames: usize, max_bytes: usize) -> (Outbox, Queued) {
+        let (tx, rx) = mpsc::channel(frames.max(1));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let outbox = Outbox {
+            tx,
+            bytes: bytes.clone(),
+            max_bytes,
+        };
+        (outbox, Queued { rx, bytes })
+    }
+
+    pub fn push(&self, frame: Bytes) -> Result<(), Overflow> {
+        let len = frame.len();
+        let before = self.bytes.fetch_add(len, Ordering::Relaxed);
+        // One frame always fits an empty queue: a large document's first
+        // step 2 can exceed the budget on its own.
+        let result = if before > 0 && before + len > self.max_bytes {
+            Err(Overflow::Full)
+        } else {
+            self.tx.try_send(frame).map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => Overflow::Full,
+                mpsc::error::TrySendError::Closed(_) => Overflow::Gone,
+            })
+        };
+        if result.is_err() {
+            self.bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// The connection's end of its [`Outbox`].
+struct Queued {
+    rx: mpsc::Receiver<Bytes>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Queued {
+    async fn recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.recv().await?;
+        self.bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+        Some(frame)
+    }
+}
+
 /// Who is on the other end, as established before the upgrade.
 pub struct Session {
     pub doc: String,
@@ -80,7 +145,7 @@ pub async fn run(
 ) {
     let started = Instant::now();
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    let (outbox, mut queued) = mpsc::channel::<Bytes>(limits.outbox_capacity.max(1));
+    let (outbox, mut queued) = Outbox::new(limits.outbox_capacity, limits.outbox_bytes);
     let closer = Arc::new(Closer::default());
     let peer = Peer {
         outbox,
@@ -146,7 +211,7 @@ pub async fn run(
 async fn serve(
     socket: &mut WebSocket,
     member: &crate::room::Member,
-    queued: &mut mpsc::Receiver<Bytes>,
+    queued: &mut Queued,
     closer: &Closer,
     limits: &Limits,
     shutdown: &CancellationToken,
@@ -178,8 +243,8 @@ async fn serve(
             }
             Some(frame) = queued.recv() => {
                 let kind = ywebsocket::message_type(&frame);
-                if socket.send(Message::Binary(frame)).await.is_err() {
-                    return End::PeerGone("write failed");
+                if let Err(end) = write(socket, Message::Binary(frame), limits).await {
+                    return end;
                 }
                 metrics::counter!(m::MESSAGES_SENT, "type" => kind).increment(1);
             }
@@ -187,8 +252,8 @@ async fn serve(
                 if last_heard.elapsed() >= limits.pong_timeout {
                     return End::Close(close::GOING_AWAY, "no pong".into());
                 }
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
-                    return End::PeerGone("write failed");
+                if let Err(end) = write(socket, Message::Ping(Bytes::new()), limits).await {
+                    return end;
                 }
             }
             frame = socket.recv() => {
@@ -215,6 +280,18 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Writes one message. A peer that stops reading blocks the write once the
+/// socket's buffers are full, and the loop with it (a close the room asks for
+/// meanwhile is sent after the write); after `pong_timeout` without progress
+/// the peer is dropped.
+async fn write(socket: &mut WebSocket, msg: Message, limits: &Limits) -> Result<(), End> {
+    match tokio::time::timeout(limits.pong_timeout, socket.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::PeerGone("write failed")),
+        Err(_) => Err(End::PeerGone("write timed out")),
     }
 }
 
@@ -270,10 +347,14 @@ async fn close_socket(
         code,
         reason: reason.into(),
     };
-    if socket.send(Message::Close(Some(frame))).await.is_err() {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    // A peer that is not reading would block this send for ever.
+    if !matches!(
+        tokio::time::timeout_at(deadline, socket.send(Message::Close(Some(frame)))).await,
+        Ok(Ok(()))
+    ) {
         return;
     }
-    let deadline = Instant::now() + Duration::from_secs(1);
     loop {
         match tokio::time::timeout_at(deadline, socket.recv()).await {
             Ok(Some(Ok(Message::Binary(data)))) => {

@@ -16,11 +16,18 @@ use yrs::updates::decoder::Decode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
 use super::{Command, ConnId, Peer, RoomError, Rooms, Snapshot};
-use crate::connection::{close, sleep_until};
+use crate::connection::{close, sleep_until, Overflow};
 use crate::fanout::{Remote, Subscription};
 use crate::metrics as m;
 use crate::protocol::{ywebsocket, Inbound};
 use crate::store::{self, NewUpdate, Store};
+
+/// A provider announces one awareness client per document; a few more leave
+/// room for clients that multiplex. Past these limits awareness would be a way
+/// to make every replica hold state without bound, so the socket is closed.
+const MAX_AWARENESS_CLIENTS_PER_CONNECTION: usize = 16;
+/// Cursors, names and colours take a few hundred bytes.
+const MAX_AWARENESS_STATE_BYTES: usize = 64 * 1024;
 
 struct Member {
     peer: Peer,
@@ -243,6 +250,12 @@ impl Room {
                 }
             }
             Inbound::Awareness { raw, update } => {
+                if let Err(reason) = check_awareness(&member.awareness_ids, &update) {
+                    tracing::info!(doc = %self.doc_name, reason, "awareness refused");
+                    member.peer.closer.close(close::POLICY, reason);
+                    self.leave(conn);
+                    return;
+                }
                 for (id, entry) in &update.clients {
                     if &*entry.json == "null" {
                         member.awareness_ids.remove(id);
@@ -408,18 +421,42 @@ impl Room {
 
 /// Queues a frame for one peer; false when the peer is gone or too slow.
 fn send(peer: &Peer, frame: Bytes) -> bool {
-    match peer.outbox.try_send(frame) {
+    match peer.outbox.push(frame) {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(Overflow::Full) => {
             peer.closer
                 .close(close::TRY_AGAIN, "slow consumer: outgoing queue overflowed");
             false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(Overflow::Gone) => false,
     }
 }
 
 /// A Yjs v1 update with no structs and no deletions: two zero varints.
+/// Whether a connection's awareness update stays within the limits, judged
+/// before any of it is applied.
+fn check_awareness(
+    owned: &HashSet<ClientID>,
+    update: &AwarenessUpdate,
+) -> Result<(), &'static str> {
+    if update
+        .clients
+        .values()
+        .any(|entry| entry.json.len() > MAX_AWARENESS_STATE_BYTES)
+    {
+        return Err("awareness state too large");
+    }
+    let added = update
+        .clients
+        .iter()
+        .filter(|(id, entry)| &*entry.json != "null" && !owned.contains(id))
+        .count();
+    if owned.len() + added > MAX_AWARENESS_CLIENTS_PER_CONNECTION {
+        return Err("too many awareness clients");
+    }
+    Ok(())
+}
+
 fn is_empty_update(update: &[u8]) -> bool {
     update == [0, 0]
 }

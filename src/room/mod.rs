@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use yrs::{StateVector, Update};
 
-use crate::connection::Closer;
+use crate::connection::{Closer, Outbox};
 use crate::fanout::Fanout;
 use crate::protocol::Inbound;
 use crate::store::committer::Committer;
@@ -33,7 +33,7 @@ pub type ConnId = u64;
 /// What a room needs from one client connection.
 pub struct Peer {
     /// Frames for the client; full means a slow consumer (closed with 1013).
-    pub outbox: mpsc::Sender<Bytes>,
+    pub outbox: Outbox,
     pub closer: Arc<Closer>,
     /// Readers' document updates are dropped; their awareness is not.
     pub can_write: bool,

@@ -197,6 +197,20 @@ impl Server {
         (status, started.elapsed())
     }
 
+    /// The server's resident memory now and at its peak, in KiB.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("server status");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .expect("memory field")
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -436,6 +450,14 @@ impl Client {
         self.send_raw(msg.encode_v1()).await;
     }
 
+    /// Sends a frame; an error once the server has dropped the socket.
+    pub async fn try_send_raw(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        self.ws
+            .send(WsMessage::Binary(bytes.into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     pub async fn send_raw(&mut self, bytes: Vec<u8>) {
         self.ws
             .send(WsMessage::Binary(bytes.into()))
@@ -625,6 +647,21 @@ pub fn close_code(code: CloseCode) -> u16 {
 
 pub fn state_vector(doc: &Doc) -> StateVector {
     doc.transact().state_vector()
+}
+
+/// An awareness frame announcing `(client id, clock, JSON state)` entries.
+pub fn awareness_frame(states: impl IntoIterator<Item = (u64, u32, String)>) -> Vec<u8> {
+    let clients = states
+        .into_iter()
+        .map(|(id, clock, json)| {
+            let entry = AwarenessUpdateEntry {
+                clock,
+                json: json.into(),
+            };
+            (ClientID::new(id), entry)
+        })
+        .collect();
+    Message::Awareness(AwarenessUpdate { clients }).encode_v1()
 }
 
 pub fn client_id(id: u64) -> ClientID {
