@@ -1,19 +1,22 @@
 //! Group commit: the single writer between rooms and the [`Store`].
 //!
 //! Rooms hand over accepted updates without waiting. One task appends
-//! everything queued in one transaction, and starts the next commit as soon as
-//! the previous one ends, so an update waits at most one commit for its turn
-//! (cross-replica latency includes it: only stored updates are published).
+//! everything queued in one transaction and starts the next commit as soon as
+//! there is something to commit, with up to [`Store::concurrent_appends`]
+//! commits in flight (finishing in order), so an update rarely waits for a
+//! commit already in progress (cross-replica latency includes the commit:
+//! only stored updates are published).
 //!
 //! If the database fails, the batch is retried with backoff and readiness
 //! reports the error; accepted updates stay queued in memory up to a byte
 //! budget, past which [`Committer::submit`] refuses new ones.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{NewUpdate, Store};
@@ -181,106 +184,103 @@ struct Worker {
     compacting: HashSet<Arc<str>>,
 }
 
+/// One group commit: the updates to append and who waits for them.
+#[derive(Default)]
+struct Batch {
+    updates: Vec<NewUpdate>,
+    acks: Vec<oneshot::Sender<()>>,
+    bytes: usize,
+}
+
 impl Worker {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Item>) {
+        let max_in_flight = self.store.concurrent_appends().max(1);
+        // Commits run concurrently but finish in order, so acks, flushes and
+        // publishes keep the order in which updates were accepted.
+        let mut in_flight = FuturesOrdered::new();
+        let mut queue = VecDeque::new();
         let mut received = Vec::new();
-        // What did not fit in the previous batch stays first in line.
-        let mut queue = std::collections::VecDeque::new();
+        let mut open = true;
         loop {
-            if queue.is_empty() {
-                if rx.recv_many(&mut received, MAX_BATCH_ROWS).await == 0 {
-                    return;
-                }
-            } else {
-                while received.len() < MAX_BATCH_ROWS {
-                    match rx.try_recv() {
-                        Ok(item) => received.push(item),
-                        Err(_) => break,
-                    }
-                }
+            while let Ok(item) = rx.try_recv() {
+                queue.push_back(item);
             }
-            queue.extend(received.drain(..));
-            let mut batch = Vec::new();
-            let mut acks = Vec::new();
-            let mut bytes = 0;
-            while let Some(item) = queue.pop_front() {
-                match item {
-                    Item::Update { update, ack } => {
-                        bytes += update.data.len();
-                        batch.push(update);
-                        acks.extend(ack);
-                    }
-                    Item::Flush(ack) => acks.push(ack),
-                    Item::Loaded {
-                        doc,
-                        entries,
-                        bytes,
-                    } => {
-                        self.logs.insert(doc.clone(), LogSize { entries, bytes });
-                        self.maybe_compact(&doc);
-                    }
-                    Item::Forget(doc) => {
-                        self.logs.remove(&doc);
-                    }
-                    Item::Compacted { doc, entries } => {
-                        self.compacting.remove(&doc);
-                        if let Some(log) = self.logs.get_mut(&doc) {
-                            let bytes_per_entry = log.bytes / log.entries.max(1);
-                            log.entries = log.entries.saturating_sub(entries);
-                            log.bytes = log.bytes.saturating_sub(entries * bytes_per_entry);
-                        }
-                    }
-                }
-                if bytes >= MAX_BATCH_BYTES || batch.len() >= MAX_BATCH_ROWS {
-                    break;
-                }
+            if !queue.is_empty() && in_flight.len() < max_in_flight {
+                let batch = self.take_batch(&mut queue);
+                let (store, health) = (self.store.clone(), self.health.clone());
+                in_flight.push_back(commit(store, health, batch));
+                continue;
             }
-            if !batch.is_empty() {
-                self.commit(&batch).await;
-                self.pending_bytes.fetch_sub(bytes, Ordering::SeqCst);
-                metrics::gauge!(m::PERSIST_PENDING_BYTES)
-                    .set(self.pending_bytes.load(Ordering::SeqCst) as f64);
-                for update in &batch {
-                    self.fanout.publish_update(&update.doc, update.data.clone());
-                    let log = self.logs.entry(update.doc.clone()).or_default();
-                    log.entries += 1;
-                    log.bytes += update.data.len() as u64;
-                }
-                let docs: HashSet<Arc<str>> = batch.iter().map(|u| u.doc.clone()).collect();
-                for doc in docs {
-                    self.maybe_compact(&doc);
-                }
+            if !open && queue.is_empty() && in_flight.is_empty() {
+                return;
             }
-            for ack in acks {
-                let _ = ack.send(());
+            tokio::select! {
+                Some(batch) = in_flight.next() => self.committed(batch),
+                n = rx.recv_many(&mut received, MAX_BATCH_ROWS), if open && queue.is_empty() => {
+                    open = n > 0;
+                    queue.extend(received.drain(..));
+                }
             }
         }
     }
 
-    /// Appends until it succeeds: an accepted update is never dropped.
-    async fn commit(&self, batch: &[NewUpdate]) {
-        let mut backoff = BACKOFF_START;
-        loop {
-            let started = Instant::now();
-            match self.store.append(batch).await {
-                Ok(()) => {
-                    metrics::histogram!(m::PERSIST_SECONDS).record(started.elapsed().as_secs_f64());
-                    metrics::counter!(m::UPDATES_PERSISTED).increment(batch.len() as u64);
-                    if self.health.store_error().is_some() {
-                        tracing::info!("database answers again; queued updates stored");
-                        self.health.set_store_error(None);
-                    }
-                    return;
+    /// Takes the next batch off the queue, acting on the bookkeeping items
+    /// met on the way.
+    fn take_batch(&mut self, queue: &mut VecDeque<Item>) -> Batch {
+        let mut batch = Batch::default();
+        while let Some(item) = queue.pop_front() {
+            match item {
+                Item::Update { update, ack } => {
+                    batch.bytes += update.data.len();
+                    batch.updates.push(update);
+                    batch.acks.extend(ack);
                 }
-                Err(error) => {
-                    metrics::counter!(m::PERSIST_ERRORS).increment(1);
-                    tracing::warn!(%error, rows = batch.len(), retry_in = ?backoff, "group commit failed");
-                    self.health
-                        .set_store_error(Some(format!("database write failed: {error}")));
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                Item::Flush(ack) => batch.acks.push(ack),
+                Item::Loaded {
+                    doc,
+                    entries,
+                    bytes,
+                } => {
+                    self.logs.insert(doc.clone(), LogSize { entries, bytes });
+                    self.maybe_compact(&doc);
+                }
+                Item::Forget(doc) => {
+                    self.logs.remove(&doc);
+                }
+                Item::Compacted { doc, entries } => {
+                    self.compacting.remove(&doc);
+                    if let Some(log) = self.logs.get_mut(&doc) {
+                        let bytes_per_entry = log.bytes / log.entries.max(1);
+                        log.entries = log.entries.saturating_sub(entries);
+                        log.bytes = log.bytes.saturating_sub(entries * bytes_per_entry);
+                    }
                 }
             }
+            if batch.bytes >= MAX_BATCH_BYTES || batch.updates.len() >= MAX_BATCH_ROWS {
+                break;
+            }
+        }
+        batch
+    }
+
+    /// A batch is durable: release its budget, publish it, count it towards
+    /// compaction, and answer whoever waits.
+    fn committed(&mut self, batch: Batch) {
+        self.pending_bytes.fetch_sub(batch.bytes, Ordering::SeqCst);
+        metrics::gauge!(m::PERSIST_PENDING_BYTES)
+            .set(self.pending_bytes.load(Ordering::SeqCst) as f64);
+        for update in &batch.updates {
+            self.fanout.publish_update(&update.doc, update.data.clone());
+            let log = self.logs.entry(update.doc.clone()).or_default();
+            log.entries += 1;
+            log.bytes += update.data.len() as u64;
+        }
+        let docs: HashSet<Arc<str>> = batch.updates.iter().map(|u| u.doc.clone()).collect();
+        for doc in docs {
+            self.maybe_compact(&doc);
+        }
+        for ack in batch.acks {
+            let _ = ack.send(());
         }
     }
 
@@ -313,5 +313,34 @@ impl Worker {
             };
             let _ = tx.send(Item::Compacted { doc, entries });
         });
+    }
+}
+
+/// Appends until it succeeds: an accepted update is never dropped.
+async fn commit(store: Arc<dyn Store>, health: Arc<Health>, batch: Batch) -> Batch {
+    if batch.updates.is_empty() {
+        return batch;
+    }
+    let mut backoff = BACKOFF_START;
+    loop {
+        let started = Instant::now();
+        match store.append(&batch.updates).await {
+            Ok(()) => {
+                metrics::histogram!(m::PERSIST_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::UPDATES_PERSISTED).increment(batch.updates.len() as u64);
+                if health.store_error().is_some() {
+                    tracing::info!("database answers again; queued updates stored");
+                    health.set_store_error(None);
+                }
+                return batch;
+            }
+            Err(error) => {
+                metrics::counter!(m::PERSIST_ERRORS).increment(1);
+                tracing::warn!(%error, rows = batch.updates.len(), retry_in = ?backoff, "group commit failed");
+                health.set_store_error(Some(format!("database write failed: {error}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
     }
 }

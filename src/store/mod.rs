@@ -64,6 +64,12 @@ pub trait Store: Send + Sync + 'static {
     /// Appends every update in one transaction: all are durable when this returns Ok.
     async fn append(&self, batch: &[NewUpdate]) -> Result<(), StoreError>;
 
+    /// How many `append` transactions are worth running at once. A single
+    /// writer (SQLite) gains nothing from more than one.
+    fn concurrent_appends(&self) -> usize {
+        1
+    }
+
     /// Folds the log rows present now into the snapshot; returns how many were folded.
     async fn compact(&self, doc: &str) -> Result<u64, StoreError>;
 

@@ -18,6 +18,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Postgres allows 65535 bind parameters per statement; two per row.
 const ROWS_PER_INSERT: usize = 8192;
+/// Group commits in flight at once: an update then waits for one commit, not
+/// for the one in progress and then its own. Each holds a pool connection,
+/// so the pool (8) keeps room for loads and compactions.
+const CONCURRENT_APPENDS: usize = 3;
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -88,6 +92,10 @@ impl Store for PostgresStore {
         }
         txn.commit().await?;
         Ok(())
+    }
+
+    fn concurrent_appends(&self) -> usize {
+        CONCURRENT_APPENDS
     }
 
     async fn compact(&self, doc: &str) -> Result<u64, StoreError> {
