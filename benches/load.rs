@@ -71,6 +71,14 @@ fn main() {
     rt.block_on(run(config));
 }
 
+/// Scenarios named on the command line (`local`, `cross`); none means all.
+fn wanted(scenario: &str) -> bool {
+    let named: Vec<String> = std::env::args()
+        .filter(|a| a == "local" || a == "cross")
+        .collect();
+    named.is_empty() || named.iter().any(|a| a == scenario)
+}
+
 async fn run(c: Config) {
     let mut report = String::new();
     let cmd = std::env::args()
@@ -94,12 +102,19 @@ async fn run(c: Config) {
         c.seconds,
         c.idle
     ));
-    report.push_str("| server | fan-out p50 | fan-out p99 | deliveries | generator CPU | RSS idle baseline | RSS per idle connection |\n");
-    report.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    if wanted("local") {
+        report.push_str("| server | fan-out p50 | fan-out p99 | deliveries | generator CPU | RSS idle baseline | RSS per idle connection |\n");
+        report.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
-    for target in ["concord", "y-websocket reference"] {
+    let targets: &[&str] = if wanted("local") {
+        &["concord", "y-websocket reference"]
+    } else {
+        &[]
+    };
+    for &target in targets {
         let (mut server, url) = start(target, &dir, "fanout");
         let fan = fanout(&url, &url, &c).await;
         stop(&mut server);
@@ -120,6 +135,10 @@ async fn run(c: Config) {
         ));
     }
 
+    if !wanted("cross") {
+        common::append_report(&report);
+        return;
+    }
     // Cross-replica through Redis, next to one replica on the same stores.
     let db = fresh_postgres().await;
     let (mut single, single_url) = start_concord(
