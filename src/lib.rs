@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod fanout;
+pub mod guard;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -3,7 +3,7 @@
 //! Parsing and encoding are `yrs::sync`'s; this file only decides what is
 //! acceptable from a client and builds the frames the server sends.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 
 use bytes::Bytes;
 use yrs::encoding::read::{Cursor, Error as ReadError, Read};
@@ -14,6 +14,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{StateVector, Update};
 
 use super::{DecodeError, Inbound};
+use crate::guard;
 
 /// Decodes one client frame. Nothing is applied here; an error means the
 /// frame must be refused whole.
@@ -69,11 +70,19 @@ fn check_awareness_client_ids(payload: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Decodes a Yjs v1 update, for the socket and the HTTP API alike.
+/// Decodes a Yjs v1 update, for the socket and the HTTP API alike, and tries
+/// it on an empty document first ([`guard::trial`]): an update that applies
+/// but leaves a state yrs cannot encode would make every later sync of its
+/// document panic, from memory and again after each reload, since the raw
+/// update is stored. The trial costs a second decode and integration.
 pub fn decode_update(raw: &[u8]) -> Result<Update, DecodeError> {
-    catch_unwind(AssertUnwindSafe(|| Update::decode_v1(raw)))
-        .map_err(|_| DecodeError::BadUpdate("decoder panicked".into()))?
-        .map_err(|e| DecodeError::BadUpdate(e.to_string()))
+    let decode = || {
+        catch_unwind(|| Update::decode_v1(raw))
+            .map_err(|_| DecodeError::BadUpdate("decoder panicked".into()))?
+            .map_err(|e| DecodeError::BadUpdate(e.to_string()))
+    };
+    guard::trial(decode()?).map_err(|e| DecodeError::BadUpdate(e.to_string()))?;
+    decode()
 }
 
 /// Decodes a state vector sent by an HTTP client.
@@ -159,6 +168,13 @@ mod tests {
         over.extend([0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]);
         over.extend([1, 0]);
         assert!(matches!(decode(&over), Err(DecodeError::BadAwareness(_))));
+        // Found by the fuzzer: updates that decode but do not round-trip.
+        for frame in [
+            &b"\x00\x02\x0f\x01\x01\x01\x00\x02\x0f\x00\x00\x00\x00\x00\x00\x00\x12\x6c"[..],
+            &b"\x00\x02\x0f\x01\x01\x71\x00\x12\x00\x80\x01\x00\x00\x00\x00\x00\x00\x05"[..],
+        ] {
+            assert!(matches!(decode(frame), Err(DecodeError::BadUpdate(_))));
+        }
         // A well-framed update whose payload is not a Yjs update.
         assert!(matches!(
             decode(&[0, 2, 3, 0xff, 0xff, 0xff]),

@@ -5,7 +5,10 @@
 //! client has been gone for `unload_after`, flush, and retire.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -18,6 +21,7 @@ use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 use super::{Command, ConnId, Peer, RoomError, Rooms, Snapshot};
 use crate::connection::{close, sleep_until, Overflow};
 use crate::fanout::{Remote, Subscription};
+use crate::guard::{self, ApplyError};
 use crate::metrics as m;
 use crate::protocol::{ywebsocket, Inbound};
 use crate::store::{self, NewUpdate, Store};
@@ -42,9 +46,19 @@ struct Room {
     awareness: Awareness,
     members: HashMap<ConnId, Member>,
     idle_since: Option<Instant>,
+    /// An update broke the in-memory document: serve no more, reload.
+    poisoned: bool,
+    /// Check the stored state on load (it failed to encode before).
+    check: bool,
 }
 
-pub(super) fn spawn(rooms: Rooms, doc: Arc<str>, generation: u64, rx: mpsc::Receiver<Command>) {
+pub(super) fn spawn(
+    rooms: Rooms,
+    doc: Arc<str>,
+    generation: u64,
+    rx: mpsc::Receiver<Command>,
+    check: bool,
+) {
     let room = Room {
         rooms,
         doc_name: doc,
@@ -52,8 +66,19 @@ pub(super) fn spawn(rooms: Rooms, doc: Arc<str>, generation: u64, rx: mpsc::Rece
         awareness: Awareness::new(Doc::new()),
         members: HashMap::new(),
         idle_since: Some(Instant::now()),
+        poisoned: false,
+        check,
     };
-    tokio::spawn(room.run(rx));
+    let (rooms, doc) = (room.rooms.clone(), room.doc_name.clone());
+    tokio::spawn(async move {
+        if AssertUnwindSafe(room.run(rx)).catch_unwind().await.is_err() {
+            // A bug, not a client's doing: the next join loads a fresh room
+            // instead of finding this one's queue closed for ever. The clients
+            // see their room go (1012) and reconnect.
+            tracing::error!(doc = %doc, "room panicked; unloading it");
+            rooms.forget(&doc, generation);
+        }
+    });
 }
 
 /// Serves an API read of a document no room holds, straight from the store.
@@ -68,8 +93,8 @@ pub(super) async fn read_stored(
         .map_err(|e| RoomError::Unavailable(e.to_string()))?;
     metrics::counter!(m::STORE_LOADS).increment(1);
     let exists = !stored.is_empty();
-    let ydoc = Doc::new();
-    store::apply_stored(&ydoc, &stored).map_err(|e| RoomError::Unavailable(e.to_string()))?;
+    let ydoc =
+        store::build_doc(&stored, true).map_err(|e| RoomError::Unavailable(e.to_string()))?;
     let update = ydoc.transact().encode_diff_v1(since);
     Ok(Snapshot { update, exists })
 }
@@ -100,7 +125,7 @@ impl Room {
         let stored = ctx.store.load(&self.doc_name).await?;
         metrics::counter!(m::STORE_LOADS).increment(1);
         let (entries, bytes) = (stored.updates.len() as u64, stored.log_bytes());
-        store::apply_stored(self.awareness.doc(), &stored)?;
+        self.awareness = Awareness::new(store::build_doc(&stored, self.check)?);
         ctx.committer.loaded(self.doc_name.clone(), entries, bytes);
         Ok(())
     }
@@ -154,7 +179,25 @@ impl Room {
                 }
                 _ = sweep.tick() => self.expire_remote_awareness(),
             }
+            if self.poisoned {
+                return self.reload(rx);
+            }
         }
+    }
+
+    /// Gives the document up after an update broke it in memory. The update
+    /// was not stored, so every client reconnects (1012) to a room loaded
+    /// afresh from the store.
+    fn reload(&mut self, rx: &mut mpsc::Receiver<Command>) {
+        for member in self.members.values() {
+            member
+                .peer
+                .closer
+                .close(close::RESTARTING, "document reloading");
+        }
+        self.members.clear();
+        self.rooms.suspect(&self.doc_name);
+        self.fail_all(rx, RoomError::Unavailable("document reloading".into()));
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -166,10 +209,11 @@ impl Room {
             Command::Leave { conn } => self.leave(conn),
             Command::Inbound { conn, msg } => self.inbound(conn, msg),
             Command::Read { since, reply } => {
-                let txn = self.awareness.doc().transact();
-                let exists = !txn.state_vector().is_empty();
-                let update = txn.encode_diff_v1(&since);
-                let _ = reply.send(Ok(Snapshot { update, exists }));
+                let exists = !self.awareness.doc().transact().state_vector().is_empty();
+                let result = self
+                    .encode_diff(&since)
+                    .map(|update| Snapshot { update, exists });
+                let _ = reply.send(result);
             }
             Command::Write { raw, update, reply } => {
                 let (durable, stored) = oneshot::channel();
@@ -229,8 +273,10 @@ impl Room {
         let can_write = member.peer.can_write;
         match msg {
             Inbound::SyncStep1(sv) => {
-                let diff = self.awareness.doc().transact().encode_diff_v1(&sv);
-                if !send(&member.peer, ywebsocket::sync_step2(diff)) {
+                let Ok(diff) = self.encode_diff(&sv) else {
+                    return;
+                };
+                if !send(&self.members[&conn].peer, ywebsocket::sync_step2(diff)) {
                     self.leave(conn);
                 }
             }
@@ -315,11 +361,24 @@ impl Room {
         Ok(())
     }
 
-    fn apply(&self, update: Update) -> Result<(), RoomError> {
-        let mut txn = self.awareness.doc().transact_mut();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| txn.apply_update(update)))
-            .map_err(|_| RoomError::BadUpdate("update integration panicked".into()))?
-            .map_err(|e| RoomError::BadUpdate(e.to_string()))
+    /// The document's state since `since`. A failure to encode means an
+    /// update broke the document: the room is then reloaded, with a check.
+    fn encode_diff(&mut self, since: &StateVector) -> Result<Vec<u8>, RoomError> {
+        guard::encode_diff(self.awareness.doc(), since).map_err(|error| {
+            tracing::error!(doc = %self.doc_name, %error, "document cannot be encoded; reloading it");
+            self.poisoned = true;
+            RoomError::Unavailable("document reloading".into())
+        })
+    }
+
+    fn apply(&mut self, update: Update) -> Result<(), RoomError> {
+        guard::apply(self.awareness.doc(), update).map_err(|error| {
+            if let ApplyError::Poisoned(why) = error {
+                tracing::error!(doc = %self.doc_name, why, "document state broken by an update; reloading it");
+                self.poisoned = true;
+            }
+            RoomError::BadUpdate(error.to_string())
+        })
     }
 
     async fn handle_remote(&mut self, remote: Remote) {
@@ -356,10 +415,13 @@ impl Room {
         metrics::counter!(m::STORE_LOADS).increment(1);
         let before = self.awareness.doc().transact().state_vector();
         if let Err(error) = store::apply_stored(self.awareness.doc(), &stored) {
-            tracing::error!(doc = %self.doc_name, %error, "resync found corrupt data");
+            tracing::error!(doc = %self.doc_name, %error, "resync found corrupt data; reloading");
+            self.poisoned = true;
             return;
         }
-        let diff = self.awareness.doc().transact().encode_diff_v1(&before);
+        let Ok(diff) = self.encode_diff(&before) else {
+            return;
+        };
         if !is_empty_update(&diff) {
             self.broadcast(ywebsocket::update(&diff), None);
         }

@@ -10,7 +10,7 @@
 
 mod actor;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -100,6 +100,8 @@ struct Inner {
     rooms: Mutex<HashMap<Arc<str>, Entry>>,
     ctx: RoomContext,
     next_id: AtomicU64,
+    /// Documents whose state failed to encode: their next load checks it.
+    suspect: Mutex<HashSet<Arc<str>>>,
 }
 
 struct Entry {
@@ -137,6 +139,7 @@ impl Rooms {
                 rooms: Mutex::new(HashMap::new()),
                 ctx,
                 next_id: AtomicU64::new(1),
+                suspect: Mutex::default(),
             }),
         }
     }
@@ -214,13 +217,35 @@ impl Rooms {
                         generation,
                     },
                 );
-                actor::spawn(self.clone(), doc, generation, rx);
+                let check = self
+                    .inner
+                    .suspect
+                    .lock()
+                    .expect("suspect lock")
+                    .remove(&doc);
+                actor::spawn(self.clone(), doc, generation, rx, check);
                 tx
             }
             None => return Ok(None),
         };
         tx.try_send(cmd).map_err(|_| RoomError::Busy)?;
         Ok(Some(tx))
+    }
+
+    /// Marks a document whose state failed to encode, so that its next load
+    /// checks it and leaves out what breaks it.
+    fn suspect(&self, doc: &Arc<str>) {
+        self.inner
+            .suspect
+            .lock()
+            .expect("suspect lock")
+            .insert(doc.clone());
+    }
+
+    /// Removes a room that ended abnormally from the registry.
+    fn forget(&self, doc: &str, generation: u64) {
+        let mut rooms = self.inner.rooms.lock().expect("rooms lock");
+        remove_generation(&mut rooms, doc, generation);
     }
 
     /// Removes a room from the registry if it is still the one registered and
@@ -230,10 +255,18 @@ impl Rooms {
         if !rx.is_empty() {
             return false;
         }
-        if rooms.get(doc).is_some_and(|e| e.generation == generation) {
-            rooms.remove(doc);
-        }
+        // Under the same lock as the emptiness check: `dispatch` queues under
+        // it, so nothing can slip in between.
+        remove_generation(&mut rooms, doc, generation);
         rx.close();
         true
+    }
+}
+
+/// Removes `doc` if it is still the room of that generation (a newer room may
+/// have taken its place).
+fn remove_generation(rooms: &mut HashMap<Arc<str>, Entry>, doc: &str, generation: u64) {
+    if rooms.get(doc).is_some_and(|e| e.generation == generation) {
+        rooms.remove(doc);
     }
 }

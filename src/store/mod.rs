@@ -18,6 +18,8 @@ use async_trait::async_trait;
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
 
+use crate::guard;
+
 /// What the database holds for one document.
 #[derive(Debug, Default)]
 pub struct StoredDoc {
@@ -95,26 +97,78 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
-/// Applies a stored document to `doc`. Updates are idempotent, so a row that
-/// is both in the snapshot and the log (a compaction racing a load) is harmless.
+/// Applies a stored document on top of `doc` (a resync). Updates are
+/// idempotent, so a row that is both in the snapshot and the log (a
+/// compaction racing a load) is harmless.
 pub fn apply_stored(doc: &Doc, stored: &StoredDoc) -> Result<(), StoreError> {
-    let mut txn = doc.transact_mut();
-    for raw in stored.snapshot.iter().chain(stored.updates.iter()) {
-        let update = Update::decode_v1(raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        txn.apply_update(update)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let updates = decode_all(stored.snapshot.iter().chain(stored.updates.iter()))?;
+    guard::apply_all(doc, updates).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Builds a stored document: snapshot and log in one transaction.
+///
+/// With `check`, the result must also encode. Should an update yrs accepted
+/// but cannot encode have been stored anyway, the document is rebuilt without
+/// it (found by bisection over the log), so one such update cannot make a
+/// document unloadable; it is logged, and the next compaction drops it for
+/// good. The check costs one encoding of the whole document, so rooms skip it
+/// unless the document already failed to encode once.
+pub fn build_doc(stored: &StoredDoc, check: bool) -> Result<Doc, StoreError> {
+    let rows: Vec<&Vec<u8>> = stored
+        .snapshot
+        .iter()
+        .chain(stored.updates.iter())
+        .collect();
+    let mut kept: Vec<&Vec<u8>> = rows.clone();
+    loop {
+        let doc = Doc::new();
+        let applied = guard::apply_all(&doc, decode_all(kept.iter().copied())?);
+        if !check {
+            return applied
+                .map(|()| doc)
+                .map_err(|e| StoreError::Corrupt(e.to_string()));
+        }
+        let healthy = applied.is_ok() && guard::encode_diff(&doc, &StateVector::default()).is_ok();
+        if healthy {
+            if kept.len() < rows.len() {
+                tracing::error!(
+                    dropped = rows.len() - kept.len(),
+                    "left out stored updates that break the document"
+                );
+            }
+            return Ok(doc);
+        }
+        guard::discard(doc);
+        // The shortest broken prefix ends with a culprit.
+        let (mut good, mut bad) = (0, kept.len());
+        while bad - good > 1 {
+            let mid = (good + bad) / 2;
+            let doc = Doc::new();
+            let ok = guard::apply_all(&doc, decode_all(kept[..mid].iter().copied())?).is_ok()
+                && guard::encode_diff(&doc, &StateVector::default()).is_ok();
+            guard::discard(doc);
+            if ok {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        kept.remove(bad - 1);
     }
-    Ok(())
+}
+
+fn decode_all<'a>(rows: impl Iterator<Item = &'a Vec<u8>>) -> Result<Vec<Update>, StoreError> {
+    rows.map(|raw| Update::decode_v1(raw).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .collect()
 }
 
 /// Folds a snapshot and log rows into one update (what compaction stores).
 pub fn fold(snapshot: Option<&[u8]>, updates: &[Vec<u8>]) -> Result<Vec<u8>, StoreError> {
-    let doc = Doc::new();
     let stored = StoredDoc {
         snapshot: snapshot.map(<[u8]>::to_vec),
         updates: updates.to_vec(),
     };
-    apply_stored(&doc, &stored)?;
+    let doc = build_doc(&stored, true)?;
     let state = doc
         .transact()
         .encode_state_as_update_v1(&StateVector::default());

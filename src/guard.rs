@@ -1,0 +1,86 @@
+//! yrs calls on untrusted updates, with yrs panics confined to the call.
+//!
+//! yrs mostly returns errors for bad input, but some updates that decode make
+//! it panic while integrating, or leave a state that panics later, whenever
+//! the document is encoded (every client's sync). A transaction commits when
+//! dropped, and committing one that a panic left half-done can panic again;
+//! a second panic while the first unwinds would abort the process, so the
+//! drop is guarded too.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// yrs refused the update; the document is unchanged.
+    #[error("{0}")]
+    Invalid(String),
+    /// yrs panicked on the update or on what it left: the document in memory
+    /// can no longer be trusted and must be rebuilt from the store (which
+    /// never saw the update).
+    #[error("{0}")]
+    Poisoned(&'static str),
+}
+
+/// Applies stored updates in one transaction, as a load does.
+pub fn apply_all(doc: &Doc, updates: Vec<Update>) -> Result<(), ApplyError> {
+    let mut txn = doc.transact_mut();
+    let applied = catch_unwind(AssertUnwindSafe(|| {
+        updates
+            .into_iter()
+            .try_for_each(|update| txn.apply_update(update))
+    }));
+    let committed = catch_unwind(AssertUnwindSafe(move || drop(txn)));
+    match (applied, committed) {
+        (Ok(Ok(())), Ok(())) => Ok(()),
+        (Ok(Err(error)), Ok(())) => Err(ApplyError::Invalid(error.to_string())),
+        _ => Err(ApplyError::Poisoned("update integration panicked")),
+    }
+}
+
+/// The document's state since `since`, or `Poisoned` when yrs cannot encode it.
+pub fn encode_diff(doc: &Doc, since: &StateVector) -> Result<Vec<u8>, ApplyError> {
+    catch_unwind(AssertUnwindSafe(|| doc.transact().encode_diff_v1(since)))
+        .map_err(|_| ApplyError::Poisoned("document state cannot be encoded"))
+}
+
+/// Drops a document that may be inconsistent: freeing one can panic too.
+pub fn discard(doc: Doc) {
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(doc)));
+}
+
+/// Applies `update` to `doc`, then encodes what it added, so that a state
+/// yrs cannot encode is found now rather than at the next client's sync. The
+/// check costs about one encoding of the update.
+pub fn apply(doc: &Doc, update: Update) -> Result<(), ApplyError> {
+    let before = doc.transact().state_vector();
+    let mut txn = doc.transact_mut();
+    let applied = catch_unwind(AssertUnwindSafe(|| txn.apply_update(update)));
+    let committed = catch_unwind(AssertUnwindSafe(move || drop(txn)));
+    match (applied, committed) {
+        (Ok(Ok(())), Ok(())) => {}
+        (Ok(Err(error)), Ok(())) => return Err(ApplyError::Invalid(error.to_string())),
+        _ => return Err(ApplyError::Poisoned("update integration panicked")),
+    }
+    encode_diff(doc, &before).map(drop)
+}
+
+/// Whether `update` applies to an empty document whose whole state then
+/// encodes. On an empty document everything an update depends on is missing,
+/// so the path that keeps and re-reads such parts is exercised in full.
+pub fn trial(update: Update) -> Result<(), ApplyError> {
+    let scratch = Doc::new();
+    let applied = apply(&scratch, update);
+    let encoded = applied.and_then(|()| {
+        catch_unwind(AssertUnwindSafe(|| {
+            scratch
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default())
+        }))
+        .map(drop)
+        .map_err(|_| ApplyError::Poisoned("update leaves a state that cannot be encoded"))
+    });
+    discard(scratch);
+    encoded
+}
