@@ -6,7 +6,8 @@
 //!   fast as possible, until the final flush says all are durable.
 //! - cold load: a document whose log holds 100,000 updates (100 chars each,
 //!   about 10 MB of text), loaded (snapshot + log, applied to a fresh Doc)
-//!   before and after compaction.
+//!   before and after compaction; written as prepends (every update its own
+//!   block, the worst case) and as typing (runs of one writer, merged).
 
 mod common;
 
@@ -18,6 +19,7 @@ use concord::fanout::local::{LocalFanout, LocalHub};
 use concord::health::Health;
 use concord::store::committer::{Committer, CompactionPolicy};
 use concord::store::{self, NewUpdate, Store};
+use yrs::updates::decoder::Decode;
 use yrs::{Doc, ReadTxn, Text, Transact};
 
 const DOCS: usize = 100;
@@ -37,7 +39,8 @@ fn main() {
         let mut report = format!(
             "\n## Store ({})\n\nCommand: `benches/run store{}`. Group commit as rooms use it; {updates} small text updates over {DOCS} documents; \
              a {log}-update log of 100-character inserts for the cold load (load = read snapshot + log and apply to a fresh Doc).\n\n\
-             | store | persisted updates/s | cold load, {log} log rows | cold load after compaction | compacted size |\n| --- | --- | --- | --- | --- |\n",
+             Cold loads give the total and, in brackets, the part spent reading from the database (the rest is decoding and applying).\n\n\
+             | store | persisted updates/s | document | cold load, {log} log rows | after compaction | again | document size |\n| --- | --- | --- | --- | --- | --- | --- |\n",
             common::today(),
             if quick { " --quick" } else { "" }
         );
@@ -45,13 +48,21 @@ fn main() {
             let store = store::open(&url).await.unwrap();
             store.migrate().await.unwrap();
             let rate = persisted_per_second(store.clone(), updates).await;
-            let (before, after, size) = cold_load(store.clone(), log).await;
-            report.push_str(&format!(
-                "| {name} | {rate:.0} | {:.0} ms | {:.1} ms | {:.1} MB |\n",
-                before.as_secs_f64() * 1000.0,
-                after.as_secs_f64() * 1000.0,
-                size as f64 / 1e6
-            ));
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            for shape in [Shape::Prepend, Shape::Typed] {
+                let (before, after, again, size) = cold_load(store.clone(), log, shape).await;
+                report.push_str(&format!(
+                    "| {name} | {rate:.0} | {} | {:.0} ms ({:.0}) | {:.1} ms ({:.1}) | {:.1} ms ({:.1}) | {:.1} MB |\n",
+                    shape.label(),
+                    ms(before.0),
+                    ms(before.1),
+                    ms(after.0),
+                    ms(after.1),
+                    ms(again.0),
+                    ms(again.1),
+                    size as f64 / 1e6
+                ));
+            }
             store.close().await;
         }
         common::append_report(&report);
@@ -120,20 +131,71 @@ async fn persisted_per_second(store: Arc<dyn Store>, n: usize) -> f64 {
     (per_doc.len() * DOCS) as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn cold_load(store: Arc<dyn Store>, n: usize) -> (Duration, Duration, usize) {
-    let doc: Arc<str> = format!("cold-{}", std::process::id()).into();
-    let ydoc = Doc::new();
-    let text = ydoc.get_or_insert_text("t");
+/// How the cold-load document was written.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Every insert at the start: each stays its own block, the worst case.
+    Prepend,
+    /// Ten writers taking turns, a hundred appends each: what typing leaves,
+    /// runs of one writer that yrs merges into one block.
+    Typed,
+}
+
+impl Shape {
+    fn label(self) -> &'static str {
+        match self {
+            Shape::Prepend => "prepends (a block per update)",
+            Shape::Typed => "typed (10 writers, runs of 100)",
+        }
+    }
+}
+
+/// Loads before compaction, after it, and after it again: (total, of which
+/// the store read) each, and the compacted size. The first load after a
+/// compaction on PostgreSQL also steps over the index entries of the rows it
+/// deleted (until vacuum); the second finds them marked dead.
+async fn cold_load(
+    store: Arc<dyn Store>,
+    n: usize,
+    shape: Shape,
+) -> (
+    (Duration, Duration),
+    (Duration, Duration),
+    (Duration, Duration),
+    usize,
+) {
+    let doc: Arc<str> = format!("cold-{}-{}", std::process::id(), shape as u8).into();
+    let writers: Vec<Doc> = (0..10).map(|i| Doc::with_client_id(i + 1)).collect();
+    let texts: Vec<_> = writers.iter().map(|w| w.get_or_insert_text("t")).collect();
     let chunk = "0123456789".repeat(10);
     let mut batch = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
+        let w = match shape {
+            Shape::Prepend => 0,
+            Shape::Typed => (i / 100) % writers.len(),
+        };
+        let (ydoc, text) = (&writers[w], &texts[w]);
         let before = ydoc.transact().state_vector();
-        // Prepend: appends by one client merge into one ever-growing block,
-        // and encoding each diff would then split it (quadratic set-up).
-        text.insert(&mut ydoc.transact_mut(), 0, &chunk);
+        {
+            let mut txn = ydoc.transact_mut();
+            let at = match shape {
+                Shape::Prepend => 0,
+                Shape::Typed => text.len(&txn),
+            };
+            text.insert(&mut txn, at, &chunk);
+        }
+        let update = ydoc.transact().encode_diff_v1(&before);
+        if matches!(shape, Shape::Typed) {
+            for (j, other) in writers.iter().enumerate() {
+                if j != w {
+                    let update = yrs::Update::decode_v1(&update).unwrap();
+                    other.transact_mut().apply_update(update).unwrap();
+                }
+            }
+        }
         batch.push(NewUpdate {
             doc: doc.clone(),
-            data: Bytes::from(ydoc.transact().encode_diff_v1(&before)),
+            data: Bytes::from(update),
         });
         if batch.len() == 5000 {
             store.append(&batch).await.unwrap();
@@ -144,12 +206,15 @@ async fn cold_load(store: Arc<dyn Store>, n: usize) -> (Duration, Duration, usiz
     let load = || async {
         let started = Instant::now();
         let stored = store.load(&doc).await.unwrap();
-        let fresh = Doc::new();
-        store::apply_stored(&fresh, &stored).unwrap();
-        (started.elapsed(), stored.snapshot.map_or(0, |s| s.len()))
+        let read = started.elapsed();
+        let fresh = store::build_doc(&stored, false).unwrap();
+        drop(fresh);
+        let total = started.elapsed();
+        ((total, read), stored.snapshot.map_or(0, |s| s.len()))
     };
     let (before, _) = load().await;
     store.compact(&doc).await.unwrap();
     let (after, size) = load().await;
-    (before, after, size)
+    let (again, _) = load().await;
+    (before, after, again, size)
 }

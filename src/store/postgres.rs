@@ -12,7 +12,9 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, QueryBuilder, Row};
 
-use super::{fold, pending_versions, NewUpdate, Store, StoreError, StoredDoc};
+use super::{
+    fold, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError, StoredDoc,
+};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -62,8 +64,8 @@ impl Store for PostgresStore {
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
-        let snapshot: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = $1")
+        let snapshot: Option<(Vec<u8>, Option<String>)> =
+            sqlx::query_as("SELECT data, compression FROM document_snapshots WHERE doc = $1")
                 .bind(doc)
                 .fetch_optional(&mut *txn)
                 .await?;
@@ -74,7 +76,7 @@ impl Store for PostgresStore {
                 .await?;
         txn.commit().await?;
         Ok(StoredDoc {
-            snapshot: snapshot.map(|(d,)| d),
+            snapshot: snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?,
             updates: updates.into_iter().map(|(d,)| d).collect(),
         })
     }
@@ -104,8 +106,8 @@ impl Store for PostgresStore {
             .bind(doc)
             .execute(&mut *txn)
             .await?;
-        let snapshot: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = $1")
+        let snapshot: Option<(Vec<u8>, Option<String>)> =
+            sqlx::query_as("SELECT data, compression FROM document_snapshots WHERE doc = $1")
                 .bind(doc)
                 .fetch_optional(&mut *txn)
                 .await?;
@@ -118,13 +120,16 @@ impl Store for PostgresStore {
         }
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
-        let folded = fold(snapshot.as_ref().map(|(d,)| &d[..]), &updates)?;
+        let snapshot = snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?;
+        let (folded, compression) = pack_snapshot(&fold(snapshot.as_deref(), &updates)?);
         sqlx::query(
-            "INSERT INTO document_snapshots (doc, data) VALUES ($1, $2)
-             ON CONFLICT (doc) DO UPDATE SET data = excluded.data, updated_at = now()",
+            "INSERT INTO document_snapshots (doc, data, compression) VALUES ($1, $2, $3)
+             ON CONFLICT (doc) DO UPDATE
+             SET data = excluded.data, compression = excluded.compression, updated_at = now()",
         )
         .bind(doc)
         .bind(folded)
+        .bind(compression)
         .execute(&mut *txn)
         .await?;
         sqlx::query("DELETE FROM document_updates WHERE id = ANY($1)")

@@ -12,7 +12,9 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
-use super::{fold, pending_versions, NewUpdate, Store, StoreError, StoredDoc};
+use super::{
+    fold, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError, StoredDoc,
+};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -59,8 +61,8 @@ impl Store for SqliteStore {
     async fn load(&self, doc: &str) -> Result<StoredDoc, StoreError> {
         // One read transaction, so the snapshot and the log are from one instant.
         let mut txn = self.pool.begin().await?;
-        let snapshot: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = ?")
+        let snapshot: Option<(Vec<u8>, Option<String>)> =
+            sqlx::query_as("SELECT data, compression FROM document_snapshots WHERE doc = ?")
                 .bind(doc)
                 .fetch_optional(&mut *txn)
                 .await?;
@@ -71,7 +73,7 @@ impl Store for SqliteStore {
                 .await?;
         txn.commit().await?;
         Ok(StoredDoc {
-            snapshot: snapshot.map(|(d,)| d),
+            snapshot: snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?,
             updates: updates.into_iter().map(|(d,)| d).collect(),
         })
     }
@@ -93,8 +95,8 @@ impl Store for SqliteStore {
 
     async fn compact(&self, doc: &str) -> Result<u64, StoreError> {
         let mut txn = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let snapshot: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT data FROM document_snapshots WHERE doc = ?")
+        let snapshot: Option<(Vec<u8>, Option<String>)> =
+            sqlx::query_as("SELECT data, compression FROM document_snapshots WHERE doc = ?")
                 .bind(doc)
                 .fetch_optional(&mut *txn)
                 .await?;
@@ -107,13 +109,16 @@ impl Store for SqliteStore {
         }
         let max_id: i64 = rows.last().map(|r| r.get(0)).unwrap_or_default();
         let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
-        let folded = fold(snapshot.as_ref().map(|(d,)| &d[..]), &updates)?;
+        let snapshot = snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?;
+        let (folded, compression) = pack_snapshot(&fold(snapshot.as_deref(), &updates)?);
         sqlx::query(
-            "INSERT INTO document_snapshots (doc, data) VALUES (?, ?)
-             ON CONFLICT (doc) DO UPDATE SET data = excluded.data, updated_at = unixepoch()",
+            "INSERT INTO document_snapshots (doc, data, compression) VALUES (?, ?, ?)
+             ON CONFLICT (doc) DO UPDATE
+             SET data = excluded.data, compression = excluded.compression, updated_at = unixepoch()",
         )
         .bind(doc)
         .bind(folded)
+        .bind(compression)
         .execute(&mut *txn)
         .await?;
         // The write lock is held since BEGIN IMMEDIATE, so the rows up to max_id
