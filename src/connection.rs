@@ -241,7 +241,12 @@ async fn serve(
             _ = sleep_until(expiry) => {
                 return End::Close(close::UNAUTHORIZED, "token expired".into());
             }
-            Some(frame) = queued.recv() => {
+            frame = queued.recv() => {
+                // The room dropped us without a close request: it is gone
+                // (a reload after a broken document, or a bug), so reconnect.
+                let Some(frame) = frame else {
+                    return End::Close(close::RESTARTING, "document unloaded".into());
+                };
                 let kind = ywebsocket::message_type(&frame);
                 if let Err(end) = write(socket, Message::Binary(frame), limits).await {
                     return end;
