@@ -342,8 +342,12 @@ async fn fanout(writer_url: &str, reader_url: &str, c: &Config) -> FanoutResult 
                         m = ws.next() => m,
                         _ = stop.cancelled() => break,
                     };
-                    let Some(Ok(Ws::Binary(data))) = msg else {
-                        break;
+                    // Pings (every 30 s) and other control frames are not the
+                    // end of the stream: counting stopped at the first one.
+                    let data = match msg {
+                        Some(Ok(Ws::Binary(data))) => data,
+                        Some(Ok(_)) => continue,
+                        _ => break,
                     };
                     if let Ok(Message::Sync(SyncMessage::Update(u))) = Message::decode_v1(&data) {
                         doc.transact_mut()
