@@ -45,6 +45,15 @@ pub fn encode_diff(doc: &Doc, since: &StateVector) -> Result<Vec<u8>, ApplyError
         .map_err(|_| ApplyError::Poisoned("document state cannot be encoded"))
 }
 
+/// The document's whole state, or `Poisoned` when yrs cannot encode it.
+pub fn encode_state(doc: &Doc) -> Result<Vec<u8>, ApplyError> {
+    catch_unwind(AssertUnwindSafe(|| {
+        doc.transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }))
+    .map_err(|_| ApplyError::Poisoned("document state cannot be encoded"))
+}
+
 /// Drops a document that may be inconsistent: freeing one can panic too.
 pub fn discard(doc: Doc) {
     let _ = catch_unwind(AssertUnwindSafe(move || drop(doc)));
@@ -55,14 +64,7 @@ pub fn discard(doc: Doc) {
 /// check costs about one encoding of the update.
 pub fn apply(doc: &Doc, update: Update) -> Result<(), ApplyError> {
     let before = doc.transact().state_vector();
-    let mut txn = doc.transact_mut();
-    let applied = catch_unwind(AssertUnwindSafe(|| txn.apply_update(update)));
-    let committed = catch_unwind(AssertUnwindSafe(move || drop(txn)));
-    match (applied, committed) {
-        (Ok(Ok(())), Ok(())) => {}
-        (Ok(Err(error)), Ok(())) => return Err(ApplyError::Invalid(error.to_string())),
-        _ => return Err(ApplyError::Poisoned("update integration panicked")),
-    }
+    apply_all(doc, vec![update])?;
     encode_diff(doc, &before).map(drop)
 }
 
@@ -71,16 +73,7 @@ pub fn apply(doc: &Doc, update: Update) -> Result<(), ApplyError> {
 /// so the path that keeps and re-reads such parts is exercised in full.
 pub fn trial(update: Update) -> Result<(), ApplyError> {
     let scratch = Doc::new();
-    let applied = apply(&scratch, update);
-    let encoded = applied.and_then(|()| {
-        catch_unwind(AssertUnwindSafe(|| {
-            scratch
-                .transact()
-                .encode_state_as_update_v1(&StateVector::default())
-        }))
-        .map(drop)
-        .map_err(|_| ApplyError::Poisoned("update leaves a state that cannot be encoded"))
-    });
+    let encoded = apply(&scratch, update).and_then(|()| encode_state(&scratch).map(drop));
     discard(scratch);
     encoded
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use yrs::updates::decoder::Decode;
-use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+use yrs::{Doc, StateVector, Update};
 
 use crate::guard;
 
@@ -144,17 +144,19 @@ pub fn build_doc(stored: &StoredDoc, check: bool) -> Result<Doc, StoreError> {
         .iter()
         .chain(stored.updates.iter())
         .collect();
-    let mut kept: Vec<&Vec<u8>> = rows.clone();
-    loop {
+    if !check {
         let doc = Doc::new();
-        let applied = guard::apply_all(&doc, decode_all(kept.iter().copied())?);
-        if !check {
-            return applied
-                .map(|()| doc)
-                .map_err(|e| StoreError::Corrupt(e.to_string()));
-        }
-        let healthy = applied.is_ok() && guard::encode_diff(&doc, &StateVector::default()).is_ok();
-        if healthy {
+        return match guard::apply_all(&doc, decode_all(rows.into_iter())?) {
+            Ok(()) => Ok(doc),
+            Err(error) => {
+                guard::discard(doc);
+                Err(StoreError::Corrupt(error.to_string()))
+            }
+        };
+    }
+    let mut kept = rows.clone();
+    loop {
+        if let Some(doc) = healthy_doc(&kept)? {
             if kept.len() < rows.len() {
                 tracing::error!(
                     dropped = rows.len() - kept.len(),
@@ -163,23 +165,28 @@ pub fn build_doc(stored: &StoredDoc, check: bool) -> Result<Doc, StoreError> {
             }
             return Ok(doc);
         }
-        guard::discard(doc);
         // The shortest broken prefix ends with a culprit.
         let (mut good, mut bad) = (0, kept.len());
         while bad - good > 1 {
             let mid = (good + bad) / 2;
-            let doc = Doc::new();
-            let ok = guard::apply_all(&doc, decode_all(kept[..mid].iter().copied())?).is_ok()
-                && guard::encode_diff(&doc, &StateVector::default()).is_ok();
-            guard::discard(doc);
-            if ok {
-                good = mid;
-            } else {
-                bad = mid;
+            match healthy_doc(&kept[..mid])? {
+                Some(_) => good = mid,
+                None => bad = mid,
             }
         }
         kept.remove(bad - 1);
     }
+}
+
+/// The document built from `rows`, if it applies and then encodes.
+fn healthy_doc(rows: &[&Vec<u8>]) -> Result<Option<Doc>, StoreError> {
+    let doc = Doc::new();
+    let applied = guard::apply_all(&doc, decode_all(rows.iter().copied())?);
+    if applied.is_ok() && guard::encode_diff(&doc, &StateVector::default()).is_ok() {
+        return Ok(Some(doc));
+    }
+    guard::discard(doc);
+    Ok(None)
 }
 
 fn decode_all<'a>(rows: impl Iterator<Item = &'a Vec<u8>>) -> Result<Vec<Update>, StoreError> {
@@ -194,10 +201,7 @@ pub fn fold(snapshot: Option<&[u8]>, updates: &[Vec<u8>]) -> Result<Vec<u8>, Sto
         updates: updates.to_vec(),
     };
     let doc = build_doc(&stored, true)?;
-    let state = doc
-        .transact()
-        .encode_state_as_update_v1(&StateVector::default());
-    Ok(state)
+    guard::encode_state(&doc).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// Migrations that `migrator` knows and the database has not applied.
