@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -67,11 +67,7 @@ fn nginx(replicas: &[&Server]) -> Nginx {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("nginx must be installed (scripts/test installs nginx-light)");
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_port(port, "nginx");
     Nginx {
         child,
         port,

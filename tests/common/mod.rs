@@ -317,6 +317,16 @@ pub fn concord(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// Waits (at most [`WAIT`]) until a process started by the test accepts
+/// connections on `port`: polling is the only signal such a process gives.
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -355,11 +365,7 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed for this suite");
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "private redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port, "private redis");
         Self { child, port, dir }
     }
 
