@@ -100,6 +100,19 @@ impl ClientID {
         }
     }
 
+    /// concord patch: a client id read from an update, a state vector or a delete set.
+    /// Yjs ids are 53 bits (a JavaScript number); [ClientID::new] only checks that in
+    /// debug builds and otherwise drops the high bits, so a larger id would alias
+    /// another client. Refuse it instead.
+    pub fn decode(value: u64) -> Result<Self, crate::encoding::read::Error> {
+        if value & Self::MASK != 0 {
+            return Err(crate::encoding::read::Error::Custom(format!(
+                "client id {value} is over 53 bits"
+            )));
+        }
+        Ok(Self::new(value))
+    }
+
     /// Returns the original yjs-compatible client identifier value.
     #[inline]
     pub const fn get(&self) -> u64 {

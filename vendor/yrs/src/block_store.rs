@@ -297,6 +297,28 @@ impl BlockStore {
         id.clock >= self.get_clock(&id.client) || self.skips.contains(id)
     }
 
+    /// concord patch: whether clocks `[clock, clock + len)` of `client` lie inside one
+    /// integrated skip, the only place below a client's clock where a block may still go.
+    pub(crate) fn skip_covers(&self, client: &ClientID, clock: u32, len: u32) -> bool {
+        let Some(list) = self.clients.get(client) else {
+            return false;
+        };
+        let Some(index) = list.find_index(clock) else {
+            return false;
+        };
+        let block = unsafe { &*list.inner[index].get() };
+        block.is_skip()
+            && block.clock_start() <= clock
+            && clock as u64 + len as u64 <= block.next_clock() as u64
+    }
+
+    /// concord patch: whether any integrated skip of `client` overlaps clocks `[start, end)`.
+    pub(crate) fn skip_overlaps(&self, client: &ClientID, start: u32, end: u32) -> bool {
+        self.skips
+            .get(client)
+            .map_or(false, |ranges| ranges.ranges().any(|r| r.start < end && start < r.end))
+    }
+
     pub fn contains(&self, id: &ID) -> bool {
         if let Some(clients) = self.clients.get(&id.client) {
             id.clock < clients.clock()
@@ -316,6 +338,12 @@ impl BlockStore {
                         let clock_start = block.clock_start();
                         let mut index = list.find_index(clock_start).unwrap();
                         let skip = unsafe { &*list.inner[index].get() };
+                        // concord patch: replacing anything but a skip that holds the
+                        // block whole frees live items; fail loudly instead.
+                        assert!(
+                            skip.is_skip() && skip.next_clock() >= block.next_clock(),
+                            "block does not fill an integrated skip"
+                        );
                         let diff_start = clock_start - skip.clock_start();
                         let diff_end = skip.next_clock() - block.next_clock();
                         if diff_start > 0 {

@@ -442,7 +442,7 @@ impl<A: DeserializeOwned + PartialEq + Eq + Hash + Clone> Decode for IdMap<A> {
             id_map
                 .inner
                 .clients_mut()
-                .insert(ClientID::new(client), IdRanges::from_raw(entries));
+                .insert(ClientID::decode(client)?, IdRanges::from_raw(entries));
         }
 
         for attr in visited_attributions {

@@ -127,7 +127,7 @@ impl Decode for StateVector {
         while i < len {
             let client: u64 = decoder.read_var()?;
             let clock = decoder.read_var()?;
-            sv.insert(ClientID::new(client), clock);
+            sv.insert(ClientID::decode(client)?, clock);
             i += 1;
         }
         Ok(StateVector(sv))

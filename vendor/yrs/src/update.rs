@@ -363,7 +363,29 @@ impl Update {
                                 0,
                             );
                         }
-                        txn.integrate(stack_head, 0);
+                        // concord patch: a block below the client's clock was pushed
+                        // as if it filled a skip, whatever was there. When that was an
+                        // integrated item (an update repeating an id), the item was
+                        // freed while others still pointed at it: use after free.
+                        // Now a block below the clock fills a skip only when one holds
+                        // it whole; what is already integrated is left out and the
+                        // rest trimmed off, as Yjs does; a block that straddles a skip
+                        // and integrated blocks is left out.
+                        let mut trim = 0;
+                        if offset > 0 {
+                            let end = id.clock + len;
+                            if txn.store.blocks.skip_covers(&id.client, id.clock, len) {
+                                // fills (part of) a skip: the store's own path
+                            } else if txn.store.blocks.skip_overlaps(&id.client, id.clock, end)
+                                || offset as u32 >= len
+                            {
+                                next = picker.next();
+                                continue;
+                            } else {
+                                trim = offset as u32;
+                            }
+                        }
+                        txn.integrate(stack_head, trim);
                         *local_clock = (*local_clock).max(id.clock + len);
                     }
                 }

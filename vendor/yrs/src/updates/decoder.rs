@@ -88,7 +88,7 @@ impl<'a> DecoderV1<'a> {
         #[cfg(feature = "small-client")]
         let client: u32 = self.read_var()?;
         let clock = self.read_var()?;
-        Ok(ID::new(ClientID::new(client as u64), clock))
+        Ok(ID::new(ClientID::decode(client as u64)?, clock))
     }
 }
 
@@ -148,7 +148,7 @@ impl<'a> Decoder for DecoderV1<'a> {
         let client: u64 = self.cursor.read_var()?;
         #[cfg(feature = "small-client")]
         let client: u32 = self.cursor.read_var()?;
-        Ok(ClientID::new(client as u64))
+        ClientID::decode(client as u64)
     }
 
     #[inline]
@@ -316,20 +316,20 @@ impl<'a> Decoder for DecoderV2<'a> {
 
     fn read_left_id(&mut self) -> Result<ID, Error> {
         Ok(ID::new(
-            ClientID::new(self.client_decoder.read_u64()?),
+            ClientID::decode(self.client_decoder.read_u64()?)?,
             self.left_clock_decoder.read_u32()?,
         ))
     }
 
     fn read_right_id(&mut self) -> Result<ID, Error> {
         Ok(ID::new(
-            ClientID::new(self.client_decoder.read_u64()?),
+            ClientID::decode(self.client_decoder.read_u64()?)?,
             self.right_clock_decoder.read_u32()?,
         ))
     }
 
     fn read_client(&mut self) -> Result<ClientID, Error> {
-        Ok(ClientID::new(self.client_decoder.read_u64()?))
+        ClientID::decode(self.client_decoder.read_u64()?)
     }
 
     fn read_info(&mut self) -> Result<u8, Error> {
