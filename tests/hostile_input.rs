@@ -9,7 +9,7 @@ use common::*;
 use yrs::encoding::write::Write;
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, ReadTxn, StateVector, Text, Transact};
+use yrs::{Doc, Map, ReadTxn, StateVector, Text, Transact};
 
 /// What one refused input may leave behind in the server's resident memory
 /// (allocator caches, a connection's buffers).
@@ -437,4 +437,60 @@ async fn thousands_of_documents_from_one_address_are_capped() {
         .wait_metric("concord_documents_loaded", |n| n == 0.0)
         .await;
     Client::connect(&server.ws_url(&unique("after"))).await;
+}
+
+/// An update inserting `n` subdocuments into a map.
+fn subdocuments(n: usize) -> Vec<u8> {
+    let doc = Doc::new();
+    let map = doc.get_or_insert_map("subdocs");
+    {
+        let mut txn = doc.transact_mut();
+        for i in 0..n {
+            map.insert(&mut txn, i.to_string(), Doc::new());
+        }
+    }
+    let update = doc
+        .transact()
+        .encode_state_as_update_v1(&StateVector::default());
+    update
+}
+
+/// yrs kept a strong reference from a subdocument's item to the document
+/// holding it, a cycle: a document with subdocuments was never freed, nor
+/// the decoder's trial document for each update carrying one, so anyone could
+/// grow the server's memory without bound (`vendor/yrs/PATCHED.md`).
+#[tokio::test]
+async fn documents_with_subdocuments_are_freed_when_unloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).args(["--unload-after", "1s"]).start();
+    let frame = update_frame(subdocuments(20));
+    let round = |server: &Server| {
+        let (url, frame) = (server.ws_url(""), frame.clone());
+        async move {
+            for _ in 0..200 {
+                let mut client = Client::connect(&format!("{url}{}", unique("subdocs"))).await;
+                client.send_raw(frame.clone()).await;
+                client.sync().await;
+                client.close().await;
+            }
+        }
+    };
+    // A first round fills the allocator's caches.
+    round(&server).await;
+    server
+        .wait_metric("concord_documents_loaded", |n| n == 0.0)
+        .await;
+    let (rss_before, _) = server.rss_kib();
+    for _ in 0..2 {
+        round(&server).await;
+        server
+            .wait_metric("concord_documents_loaded", |n| n == 0.0)
+            .await;
+    }
+    let (rss_after, _) = server.rss_kib();
+    eprintln!("400 documents with 20 subdocuments each, loaded and unloaded: RSS {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after.saturating_sub(rss_before) < 8 * 1024,
+        "resident memory grew from {rss_before} to {rss_after} KiB"
+    );
 }

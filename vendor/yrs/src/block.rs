@@ -881,7 +881,7 @@ impl Item {
                 self.mark_as_deleted();
             }
             ItemContent::Doc(parent_doc, doc) => {
-                *parent_doc = Some(txn.doc().clone());
+                *parent_doc = Some(crate::doc::WeakDoc::new(txn.doc()));
                 {
                     let mut child_txn = doc.transact_mut();
                     child_txn.store.parent = Some(self_ptr);
@@ -1778,7 +1778,7 @@ pub enum ItemContent {
     Deleted(u32),
 
     /// Sub-document container. Contains weak reference to a parent document and a child document.
-    Doc(Option<Doc>, Doc),
+    Doc(Option<crate::doc::WeakDoc>, Doc),
 
     /// Obsolete: collection of consecutively inserted stringified JSON values.
     JSON(Vec<String>),

@@ -431,6 +431,37 @@ impl PartialEq for Doc {
     }
 }
 
+/// concord patch: the parent document as a subdocument's item holds it. The item lives
+/// in the parent's own block store, so a strong reference made a cycle: every document
+/// holding a subdocument, and every update carrying one once applied, was never freed.
+#[derive(Clone)]
+pub struct WeakDoc(std::sync::Weak<StoreInner>);
+
+impl WeakDoc {
+    pub fn new(doc: &Doc) -> Self {
+        WeakDoc(Arc::downgrade(&doc.store.0))
+    }
+
+    /// The parent document, while it is alive.
+    pub fn upgrade(&self) -> Option<Doc> {
+        Some(Doc {
+            store: DocStore(self.0.upgrade()?),
+        })
+    }
+}
+
+impl std::fmt::Debug for WeakDoc {
+    fn fmt(&self, f: &mut Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakDoc")
+    }
+}
+
+impl PartialEq for WeakDoc {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Weak::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl std::fmt::Display for Doc {
     fn fmt(&self, f: &mut Formatter<'_>) -> std::fmt::Result {
         write!(f, "Doc(id: {}, guid: {})", self.client_id(), self.guid())

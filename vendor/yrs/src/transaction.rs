@@ -265,7 +265,7 @@ pub trait ReadTxn: Sized {
     fn parent_doc(&self) -> Option<Doc> {
         if let Some(item) = self.store().parent.as_deref() {
             if let ItemContent::Doc(parent_doc, _) = &item.content {
-                return parent_doc.clone();
+                return parent_doc.as_ref().and_then(|parent| parent.upgrade());
             }
         }
 
