@@ -2,15 +2,15 @@
 //! per-connection limits, hands decoded messages to its room, and writes what
 //! the room queues for it. Every way a connection ends is a close code.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use governor::{Quota, RateLimiter};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -60,11 +60,28 @@ impl Closer {
 /// The frames queued for one socket, bounded in count and in bytes. Frames
 /// are shared between recipients, but a slow reader sitting on many large
 /// ones would keep them alive without bound.
-#[derive(Clone)]
+///
+/// A plain queue rather than a channel: a tokio channel allocates a block of
+/// slots up front, about 1 KiB per socket even while it is idle, and idle
+/// sockets are most of a server's sockets. This one holds no memory when empty.
 pub struct Outbox {
-    tx: mpsc::Sender<Bytes>,
-    bytes: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    ready: Notify,
+    max_frames: usize,
     max_bytes: usize,
+}
+
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// Live [`Outbox`] handles; at zero the room has dropped the socket.
+    senders: usize,
+    /// Whether the connection still reads the queue.
+    receiving: bool,
 }
 
 /// Why a frame could not be queued.
@@ -76,48 +93,100 @@ pub enum Overflow {
 }
 
 impl Outbox {
-    fn new(frames: usize, max_bytes: usize) -> (Outbox, Queued) {
-        let (tx, rx) = mpsc::channel(frames.max(1));
-        let bytes = Arc::new(AtomicUsize::new(0));
-        let outbox = Outbox {
-            tx,
-            bytes: bytes.clone(),
+    fn new(max_frames: usize, max_bytes: usize) -> (Outbox, Queued) {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                bytes: 0,
+                senders: 1,
+                receiving: true,
+            }),
+            ready: Notify::new(),
+            max_frames: max_frames.max(1),
             max_bytes,
+        });
+        let queued = Queued {
+            shared: shared.clone(),
         };
-        (outbox, Queued { rx, bytes })
+        (Outbox { shared }, queued)
     }
 
     pub fn push(&self, frame: Bytes) -> Result<(), Overflow> {
-        let len = frame.len();
-        let before = self.bytes.fetch_add(len, Ordering::Relaxed);
+        let mut state = self.shared.state.lock().expect("outbox lock");
+        if !state.receiving {
+            return Err(Overflow::Gone);
+        }
         // One frame always fits an empty queue: a large document's first
         // step 2 can exceed the budget on its own.
-        let result = if before > 0 && before + len > self.max_bytes {
-            Err(Overflow::Full)
-        } else {
-            self.tx.try_send(frame).map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => Overflow::Full,
-                mpsc::error::TrySendError::Closed(_) => Overflow::Gone,
-            })
-        };
-        if result.is_err() {
-            self.bytes.fetch_sub(len, Ordering::Relaxed);
+        let over_bytes = state.bytes > 0 && state.bytes + frame.len() > self.shared.max_bytes;
+        if over_bytes || state.frames.len() >= self.shared.max_frames {
+            return Err(Overflow::Full);
         }
-        result
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        drop(state);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.state.lock().expect("outbox lock").senders += 1;
+        Outbox {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let mut state = self.shared.state.lock().expect("outbox lock");
+        state.senders -= 1;
+        if state.senders == 0 {
+            drop(state);
+            self.shared.ready.notify_one();
+        }
     }
 }
 
 /// The connection's end of its [`Outbox`].
 struct Queued {
-    rx: mpsc::Receiver<Bytes>,
-    bytes: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
 }
 
 impl Queued {
+    /// The next frame, or `None` once the queue is empty and the room has
+    /// dropped every handle to it. Cancel-safe: a frame is taken only in the
+    /// poll that returns it.
     async fn recv(&mut self) -> Option<Bytes> {
-        let frame = self.rx.recv().await?;
-        self.bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-        Some(frame)
+        loop {
+            {
+                let mut state = self.shared.state.lock().expect("outbox lock");
+                if let Some(frame) = state.frames.pop_front() {
+                    state.bytes -= frame.len();
+                    // A burst's slots are not kept for an idle socket.
+                    if state.frames.is_empty() && state.frames.capacity() > 8 {
+                        state.frames = VecDeque::new();
+                    }
+                    return Some(frame);
+                }
+                if state.senders == 0 {
+                    return None;
+                }
+            }
+            // A push between the check and this wait leaves a permit behind.
+            self.shared.ready.notified().await;
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let mut state = self.shared.state.lock().expect("outbox lock");
+        state.receiving = false;
+        state.frames = VecDeque::new();
+        state.bytes = 0;
     }
 }
 
@@ -136,76 +205,83 @@ enum End {
     PeerGone(&'static str),
 }
 
-pub async fn run(
+/// Serves one socket until it ends. Not an `async fn`: an async fn moves its
+/// arguments into locals and keeps their slots too, which made every idle
+/// connection's task carry the socket twice; an `async move` block uses what
+/// it captured in place.
+#[allow(clippy::manual_async_fn)]
+pub fn run(
     mut socket: WebSocket,
     rooms: Rooms,
     limits: Arc<Limits>,
     shutdown: CancellationToken,
     session: Session,
-) {
-    let started = Instant::now();
-    metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    let (outbox, mut queued) = Outbox::new(limits.outbox_capacity, limits.outbox_bytes);
-    let closer = Arc::new(Closer::default());
-    let peer = Peer {
-        outbox,
-        closer: closer.clone(),
-        can_write: session.can_write,
-    };
-    let end = match rooms.join(&session.doc, peer).await {
-        Ok(member) => {
-            tracing::info!(
-                doc = %session.doc,
-                user = session.user.as_deref().unwrap_or("-"),
-                write = session.can_write,
-                "connection opened"
-            );
-            let end = serve(
-                &mut socket,
-                &member,
-                &mut queued,
-                &closer,
-                &limits,
-                &shutdown,
-                &session,
-            )
-            .await;
-            if let End::Close(code, reason) = &end {
-                // On a graceful shutdown, what the client sent before it saw our
-                // close is still accepted, so an orderly restart loses nothing.
-                let accept = (*code == close::RESTARTING).then_some((&member, &session));
-                close_socket(&mut socket, *code, reason, accept).await;
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let started = Instant::now();
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        let (outbox, mut queued) = Outbox::new(limits.outbox_capacity, limits.outbox_bytes);
+        let closer = Arc::new(Closer::default());
+        let peer = Peer {
+            outbox,
+            closer: closer.clone(),
+            can_write: session.can_write,
+        };
+        let end = match rooms.join(&session.doc, peer).await {
+            Ok(member) => {
+                tracing::info!(
+                    doc = %session.doc,
+                    user = session.user.as_deref().unwrap_or("-"),
+                    write = session.can_write,
+                    "connection opened"
+                );
+                let end = serve(
+                    &mut socket,
+                    &member,
+                    &mut queued,
+                    &closer,
+                    &limits,
+                    &shutdown,
+                    &session,
+                )
+                .await;
+                if let End::Close(code, reason) = &end {
+                    // On a graceful shutdown, what the client sent before it saw our
+                    // close is still accepted, so an orderly restart loses nothing.
+                    let accept = (*code == close::RESTARTING).then_some((&member, &session));
+                    close_socket(&mut socket, *code, reason, accept).await;
+                }
+                member.leave().await;
+                end
             }
-            member.leave().await;
-            end
-        }
-        Err(error @ (RoomError::Unavailable(_) | RoomError::Busy)) => {
-            let end = End::Close(close::TRY_AGAIN, error.to_string());
-            close_socket(&mut socket, close::TRY_AGAIN, &error.to_string(), None).await;
-            end
-        }
-        Err(error) => {
-            close_socket(&mut socket, close::INTERNAL, &error.to_string(), None).await;
-            End::Close(close::INTERNAL, error.to_string())
-        }
-    };
-    let (code, reason) = match &end {
-        End::Close(code, reason) => (Some(*code), reason.as_str()),
-        End::PeerGone(why) => (None, *why),
-    };
-    metrics::gauge!(m::CONNECTIONS).decrement(1.0);
-    let code_label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
-    metrics::counter!(m::CONNECTIONS_CLOSED, "code" => code_label).increment(1);
-    let duration = started.elapsed();
-    metrics::histogram!(m::CONNECTION_SECONDS).record(duration.as_secs_f64());
-    tracing::info!(
-        doc = %session.doc,
-        user = session.user.as_deref().unwrap_or("-"),
-        duration_ms = duration.as_millis() as u64,
-        code = code.unwrap_or(0),
-        reason,
-        "connection closed"
-    );
+            Err(error @ (RoomError::Unavailable(_) | RoomError::Busy)) => {
+                let end = End::Close(close::TRY_AGAIN, error.to_string());
+                close_socket(&mut socket, close::TRY_AGAIN, &error.to_string(), None).await;
+                end
+            }
+            Err(error) => {
+                close_socket(&mut socket, close::INTERNAL, &error.to_string(), None).await;
+                End::Close(close::INTERNAL, error.to_string())
+            }
+        };
+        let (code, reason) = match &end {
+            End::Close(code, reason) => (Some(*code), reason.as_str()),
+            End::PeerGone(why) => (None, *why),
+        };
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+        let code_label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
+        metrics::counter!(m::CONNECTIONS_CLOSED, "code" => code_label).increment(1);
+        let duration = started.elapsed();
+        metrics::histogram!(m::CONNECTION_SECONDS).record(duration.as_secs_f64());
+        tracing::info!(
+            doc = %session.doc,
+            user = session.user.as_deref().unwrap_or("-"),
+            duration_ms = duration.as_millis() as u64,
+            code = code.unwrap_or(0),
+            reason,
+            "connection closed"
+        );
+    }
 }
 
 async fn serve(
@@ -273,7 +349,9 @@ async fn serve(
                 }
                 match frame {
                     Message::Binary(data) => {
-                        if let Some(end) = handle_frame(&data, member, session).await {
+                        // Boxed: its future is large and only alive while a frame is
+                        // handed over, so it should not sit in every idle task.
+                        if let Some(end) = Box::pin(handle_frame(&data, member, session)).await {
                             return end;
                         }
                     }

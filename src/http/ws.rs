@@ -10,6 +10,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
+use futures::future::Either;
+use futures::FutureExt;
 
 use super::error::ApiError;
 use super::AppState;
@@ -28,31 +30,34 @@ pub async fn upgrade(
     match admit(&state, peer, &uri, &query, &headers) {
         Ok((doc, slot, auth)) => {
             let limit = state.limits.max_message_bytes;
-            // tungstenite's default 128 KiB read buffer per socket would dominate
-            // the memory of an idle connection; frames larger than this are
-            // still read, in more than one go.
-            ws.read_buffer_size(4096)
+            // The read buffer is allocated per socket for its whole life, so it
+            // dominated an idle connection's memory (128 KiB by default, 4 KiB
+            // was still 40 % of it). tungstenite reserves a frame's whole length
+            // once its header is in, so a large frame is still read in big
+            // chunks; this only caps how many small frames one read takes in.
+            ws.read_buffer_size(256)
                 .write_buffer_size(0)
                 .max_message_size(limit)
                 .max_frame_size(limit)
                 .on_upgrade(move |socket| {
-                    let tracker = state.connections.clone();
-                    tracker.track_future(async move {
-                        match auth {
-                            Ok(session) => {
-                                connection::run(
-                                    socket,
-                                    state.rooms.clone(),
-                                    state.limits.clone(),
-                                    state.shutdown.clone(),
-                                    session,
-                                )
-                                .await
-                            }
-                            Err(error) => refuse(socket, &doc, error).await,
-                        }
-                        drop(slot);
-                    })
+                    // The connection's future is built here rather than inside
+                    // an async block, so the socket and session live in it
+                    // once: this task lasts as long as the socket.
+                    let served = match auth {
+                        Ok(session) => Either::Left(connection::run(
+                            socket,
+                            state.rooms.clone(),
+                            state.limits.clone(),
+                            state.shutdown.clone(),
+                            session,
+                        )),
+                        Err(error) => Either::Right(refuse(socket, doc, error)),
+                    };
+                    // A combinator, not an async block: awaiting the future
+                    // from a block would keep a second slot for it.
+                    state
+                        .connections
+                        .track_future(served.map(move |()| drop(slot)))
                 })
         }
         Err((reason, error)) => {
@@ -113,13 +118,13 @@ fn admit(
     Ok((doc, slot, auth))
 }
 
-async fn refuse(mut socket: WebSocket, doc: &str, error: AuthError) {
+async fn refuse(mut socket: WebSocket, doc: String, error: AuthError) {
     let (code, reason) = match error {
         AuthError::Forbidden => (4403, "forbidden"),
         AuthError::Missing | AuthError::Invalid(_) => (4401, "unauthorized"),
     };
     metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => reason).increment(1);
-    tracing::info!(doc, code, %error, "websocket refused");
+    tracing::info!(%doc, code, %error, "websocket refused");
     let frame = CloseFrame {
         code,
         reason: reason.into(),
