@@ -165,8 +165,9 @@ impl Queued {
                 let mut state = self.shared.state.lock().expect("outbox lock");
                 if let Some(frame) = state.frames.pop_front() {
                     state.bytes -= frame.len();
-                    // A burst's slots are not kept for an idle socket.
-                    if state.frames.is_empty() && state.frames.capacity() > 8 {
+                    // An idle socket keeps no slots: most sockets are idle,
+                    // and a burst reallocates them cheaply.
+                    if state.frames.is_empty() {
                         state.frames = VecDeque::new();
                     }
                     return Some(frame);

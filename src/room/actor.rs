@@ -207,7 +207,7 @@ impl Room {
                 let _ = reply.send(Ok(()));
             }
             Command::Leave { conn } => self.leave(conn),
-            Command::Inbound { conn, msg } => self.inbound(conn, msg),
+            Command::Inbound { conn, msg } => self.inbound(conn, *msg),
             Command::Read { since, reply } => {
                 let exists = !self.awareness.doc().transact().state_vector().is_empty();
                 let result = self
@@ -218,7 +218,7 @@ impl Room {
             Command::Write { raw, update, reply } => {
                 let (durable, stored) = oneshot::channel();
                 let result = self
-                    .apply_local(raw, update, None, Some(durable))
+                    .apply_local(raw, *update, None, Some(durable))
                     .map(|()| stored);
                 let _ = reply.send(result);
             }

@@ -56,6 +56,9 @@ pub struct Snapshot {
     pub exists: bool,
 }
 
+/// What a room's queue carries. Large payloads are boxed: the queue allocates
+/// its slots in blocks of 32 up front, so a command's size is paid 32 times
+/// per loaded room.
 pub(crate) enum Command {
     Join {
         conn: ConnId,
@@ -67,7 +70,7 @@ pub(crate) enum Command {
     },
     Inbound {
         conn: ConnId,
-        msg: Inbound,
+        msg: Box<Inbound>,
     },
     Read {
         since: StateVector,
@@ -75,7 +78,7 @@ pub(crate) enum Command {
     },
     Write {
         raw: Bytes,
-        update: Update,
+        update: Box<Update>,
         /// Answered with a receiver that fires once the update is durable.
         reply: oneshot::Sender<Result<oneshot::Receiver<()>, RoomError>>,
     },
@@ -121,7 +124,7 @@ impl Member {
         self.tx
             .send(Command::Inbound {
                 conn: self.conn,
-                msg,
+                msg: Box::new(msg),
             })
             .await
             .is_ok()
@@ -185,6 +188,7 @@ impl Rooms {
     /// Merges an update as if a client had sent it; resolves once it is durable.
     pub async fn write(&self, doc: &str, raw: Bytes, update: Update) -> Result<(), RoomError> {
         let (reply, answer) = oneshot::channel();
+        let update = Box::new(update);
         self.dispatch(doc, true, Command::Write { raw, update, reply })?;
         let durable = answer
             .await
