@@ -372,18 +372,16 @@ impl Update {
                         // rest trimmed off, as Yjs does; a block that straddles a skip
                         // and integrated blocks is left out.
                         let mut trim = 0;
-                        if offset > 0 {
+                        if offset > 0 && !txn.store.blocks.skip_covers(&id.client, id.clock, len)
+                        {
                             let end = id.clock + len;
-                            if txn.store.blocks.skip_covers(&id.client, id.clock, len) {
-                                // fills (part of) a skip: the store's own path
-                            } else if txn.store.blocks.skip_overlaps(&id.client, id.clock, end)
+                            if txn.store.blocks.skip_overlaps(&id.client, id.clock, end)
                                 || offset as u32 >= len
                             {
                                 next = picker.next();
                                 continue;
-                            } else {
-                                trim = offset as u32;
                             }
+                            trim = offset as u32;
                         }
                         txn.integrate(stack_head, trim);
                         *local_clock = (*local_clock).max(id.clock + len);
