@@ -23,7 +23,8 @@ pub const FANOUT_LAG_SECONDS: &str = "concord_fanout_lag_seconds";
 /// Installs the global recorder; the handle renders `/metrics`.
 pub fn install(replica: &str) -> anyhow::Result<PrometheusHandle> {
     let latency = &[
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0,
     ];
     let handle = PrometheusBuilder::new()
         .add_global_label("replica", replica)

@@ -1,12 +1,16 @@
 //! Fan-out through Redis Streams: one stream per document,
 //! `concord:{doc}:updates` (hash-tagged so Redis Cluster keeps a document's
 //! keys together), entries `k` (u = update, a = awareness), `r` (origin
-//! replica), `t` (publish time, ms) and `d` (payload).
+//! replica), `t` (publish time, µs since the Unix epoch; for the lag metric)
+//! and `d` (payload).
 //!
-//! One reader task per replica reads the streams of every loaded document with
-//! one `XREAD` on one connection, from the last id it saw of each, so a new
-//! subscription (which notes the stream's tip before its room loads from the
-//! store) misses nothing. One publisher task pipelines `XADD`s. When Redis goes
+//! Loaded documents are hashed over a fixed set of reader tasks, each reading
+//! the streams of its documents with one `XREAD` on its own connection, from
+//! the last id it saw of each, so a new subscription (which notes the stream's
+//! tip before its room loads from the store) misses nothing. Redis re-registers
+//! a blocked `XREAD` on every key it names each time it is served, so with
+//! one reader for all documents each delivery would cost Redis work in
+//! proportion to every document the replica holds. One publisher task pipelines `XADD`s. When Redis goes
 //! away, both retry with backoff; once back, every room resyncs from the store
 //! (which holds everything that was ever published) and the streams resume
 //! from where they were, so clients converge without reconnecting.
@@ -39,28 +43,52 @@ const ROOM_QUEUE: usize = 4096;
 const MAX_UNPUBLISHED: usize = 100_000;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reader connections per replica; documents are hashed over them.
+const READERS: usize = 8;
 
 pub fn stream_key(doc: &str) -> String {
     format!("concord:{{{doc}}}:updates")
 }
 
 struct DocSubscription {
+    key: String,
     /// Last stream id delivered for this document.
     last_id: String,
     rooms: Vec<(u64, mpsc::Sender<Remote>)>,
 }
 
+/// The documents one reader task reads, and why it cannot, if it cannot.
 #[derive(Default)]
-struct Shared {
+struct Shard {
     docs: Mutex<HashMap<Arc<str>, DocSubscription>>,
-    degraded: Mutex<Option<String>>,
+    down: Mutex<Option<String>>,
+}
+
+struct Shared {
+    shards: Vec<Shard>,
+    /// Why the publisher cannot publish, if it cannot.
+    publish_down: Mutex<Option<String>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
-    fn set_degraded(&self, reason: Option<String>) {
-        *self.degraded.lock().expect("degraded lock") = reason;
+    fn new() -> Self {
+        Self {
+            shards: (0..READERS).map(|_| Shard::default()).collect(),
+            publish_down: Mutex::new(None),
+            next_id: Default::default(),
+        }
     }
+
+    fn shard(&self, doc: &str) -> &Shard {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(doc);
+        &self.shards[hash as usize % self.shards.len()]
+    }
+}
+
+fn set(reason: &Mutex<Option<String>>, value: Option<String>) {
+    *reason.lock().expect("degraded lock") = value;
 }
 
 struct Publish {
@@ -84,7 +112,7 @@ impl RedisFanout {
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| FanoutError(e.to_string()))?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let (publish, queue) = mpsc::unbounded_channel();
         tokio::spawn(publisher(
             client.clone(),
@@ -93,7 +121,14 @@ impl RedisFanout {
             shared.clone(),
             queue,
         ));
-        tokio::spawn(reader(client.clone(), replica, Arc::downgrade(&shared)));
+        for shard in 0..READERS {
+            tokio::spawn(reader(
+                client.clone(),
+                replica.clone(),
+                Arc::downgrade(&shared),
+                shard,
+            ));
+        }
         Ok(Self {
             client,
             shared,
@@ -120,7 +155,7 @@ struct Unsubscribe {
 
 impl Drop for Unsubscribe {
     fn drop(&mut self) {
-        let mut docs = self.shared.docs.lock().expect("docs lock");
+        let mut docs = self.shared.shard(&self.doc).docs.lock().expect("docs lock");
         if let Some(sub) = docs.get_mut(&self.doc) {
             sub.rooms.retain(|(id, _)| *id != self.id);
             if sub.rooms.is_empty() {
@@ -151,11 +186,13 @@ impl Fanout for RedisFanout {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.shared
+            .shard(doc)
             .docs
             .lock()
             .expect("docs lock")
             .entry(doc.clone())
             .or_insert_with(|| DocSubscription {
+                key: stream_key(doc),
                 last_id: tip,
                 rooms: Vec::new(),
             })
@@ -188,14 +225,17 @@ impl Fanout for RedisFanout {
     }
 
     fn degraded(&self) -> Option<String> {
-        self.shared.degraded.lock().expect("degraded lock").clone()
+        let shared = &self.shared;
+        std::iter::once(&shared.publish_down)
+            .chain(shared.shards.iter().map(|s| &s.down))
+            .find_map(|reason| reason.lock().expect("degraded lock").clone())
     }
 }
 
-fn now_ms() -> u64 {
+fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or_default()
 }
 
@@ -231,7 +271,7 @@ async fn publisher(
         }
         let batch = unpublished.len().min(READ_COUNT);
         let mut pipe = redis::pipe();
-        let t = now_ms();
+        let t = now_us();
         for p in unpublished.iter().take(batch) {
             let key = stream_key(&p.doc);
             pipe.cmd("XADD")
@@ -254,12 +294,18 @@ async fn publisher(
         match pipe.query_async::<()>(&mut conn).await {
             Ok(()) => {
                 unpublished.drain(..batch);
-                backoff = BACKOFF_START;
+                if backoff != BACKOFF_START {
+                    set(&shared.publish_down, None);
+                    backoff = BACKOFF_START;
+                }
             }
             Err(error) => {
                 metrics::counter!(m::FANOUT_ERRORS).increment(1);
                 tracing::warn!(%error, pending = unpublished.len(), "publishing to Redis failed");
-                shared.set_degraded(Some(format!("redis publish failed: {error}")));
+                set(
+                    &shared.publish_down,
+                    Some(format!("redis publish failed: {error}")),
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 if let Ok(fresh) = client.get_multiplexed_async_connection().await {
@@ -270,15 +316,21 @@ async fn publisher(
     }
 }
 
-/// Reads every subscribed stream until the fan-out is dropped.
-async fn reader(client: redis::Client, replica: Arc<str>, shared: std::sync::Weak<Shared>) {
+/// Reads the streams of one shard's documents until the fan-out is dropped.
+async fn reader(
+    client: redis::Client,
+    replica: Arc<str>,
+    shared: std::sync::Weak<Shared>,
+    shard: usize,
+) {
     let mut backoff = BACKOFF_START;
     let mut failed = false;
     loop {
         let Some(strong) = shared.upgrade() else {
             return;
         };
-        match read_loop(&client, &replica, &strong, &mut failed).await {
+        let shard = &strong.shards[shard];
+        match read_loop(&client, &replica, &strong, shard, &mut failed).await {
             Ok(()) => return,
             Err(error) => {
                 metrics::counter!(m::FANOUT_ERRORS).increment(1);
@@ -286,7 +338,7 @@ async fn reader(client: redis::Client, replica: Arc<str>, shared: std::sync::Wea
                     tracing::warn!(%error, "lost Redis; local editing goes on, retrying");
                 }
                 failed = true;
-                strong.set_degraded(Some(format!("redis unavailable: {error}")));
+                set(&shard.down, Some(format!("redis unavailable: {error}")));
                 drop(strong);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -299,41 +351,46 @@ async fn read_loop(
     client: &redis::Client,
     replica: &str,
     shared: &Arc<Shared>,
+    shard: &Shard,
     failed: &mut bool,
 ) -> redis::RedisResult<()> {
     let mut conn = client.get_multiplexed_async_connection().await?;
     if std::mem::take(failed) {
-        recover(&mut conn, shared).await?;
+        recover(&mut conn, shard).await?;
         tracing::info!("Redis is back; documents resynced from the database");
     }
-    shared.set_degraded(None);
+    set(&shard.down, None);
+    let mut cmd = redis::Cmd::new();
     loop {
         if Arc::strong_count(shared) == 1 {
             return Ok(());
         }
-        let (keys, ids): (Vec<String>, Vec<String>) = {
-            let docs = shared.docs.lock().expect("docs lock");
-            docs.iter()
-                .map(|(doc, sub)| (stream_key(doc), sub.last_id.clone()))
-                .unzip()
-        };
-        if keys.is_empty() {
-            tokio::time::sleep(Duration::from_millis(BLOCK_MS as u64)).await;
-            continue;
-        }
-        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+        // Built in place under the lock: this runs once per delivery.
+        cmd.clear();
+        cmd.arg("XREAD")
             .arg("COUNT")
             .arg(READ_COUNT)
             .arg("BLOCK")
             .arg(BLOCK_MS)
-            .arg("STREAMS")
-            .arg(&keys)
-            .arg(&ids)
-            .query_async(&mut conn)
-            .await?;
+            .arg("STREAMS");
+        let streams = {
+            let docs = shard.docs.lock().expect("docs lock");
+            for sub in docs.values() {
+                cmd.arg(&sub.key);
+            }
+            for sub in docs.values() {
+                cmd.arg(&sub.last_id);
+            }
+            docs.len()
+        };
+        if streams == 0 {
+            tokio::time::sleep(Duration::from_millis(BLOCK_MS as u64)).await;
+            continue;
+        }
+        let reply: Option<StreamReadReply> = cmd.query_async(&mut conn).await?;
         let Some(reply) = reply else { continue };
-        let now = now_ms();
-        let mut docs = shared.docs.lock().expect("docs lock");
+        let now = now_us();
+        let mut docs = shard.docs.lock().expect("docs lock");
         for stream in reply.keys {
             let doc = doc_of(&stream.key);
             let Some(sub) = docs.get_mut(doc) else {
@@ -349,7 +406,7 @@ async fn read_loop(
                 };
                 if let Some(sent) = field_str(&entry.map, "t").and_then(|t| t.parse::<u64>().ok()) {
                     metrics::histogram!(m::FANOUT_LAG_SECONDS)
-                        .record(now.saturating_sub(sent) as f64 / 1000.0);
+                        .record(now.saturating_sub(sent) as f64 / 1e6);
                 }
                 let remote = match field_str(&entry.map, "k").as_deref() {
                     Some("u") => Remote::Update(payload),
@@ -368,8 +425,8 @@ async fn read_loop(
 
 /// After an outage: a stream that is gone or was recreated behind our last
 /// id is read from its start, and every room catches up from the store.
-async fn recover(conn: &mut MultiplexedConnection, shared: &Arc<Shared>) -> redis::RedisResult<()> {
-    let docs: Vec<(Arc<str>, String)> = shared
+async fn recover(conn: &mut MultiplexedConnection, shard: &Shard) -> redis::RedisResult<()> {
+    let docs: Vec<(Arc<str>, String)> = shard
         .docs
         .lock()
         .expect("docs lock")
@@ -380,7 +437,7 @@ async fn recover(conn: &mut MultiplexedConnection, shared: &Arc<Shared>) -> redi
         let tip: StreamRangeReply = conn.xrevrange_count(stream_key(&doc), "+", "-", 1).await?;
         let tip = tip.ids.first().map(|e| e.id.clone());
         let behind = tip.as_deref().is_none_or(|tip| id_less(tip, &last_id));
-        let mut subs = shared.docs.lock().expect("docs lock");
+        let mut subs = shard.docs.lock().expect("docs lock");
         if let Some(sub) = subs.get_mut(&doc) {
             if behind {
                 sub.last_id = "0-0".into();
