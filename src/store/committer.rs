@@ -2,10 +2,9 @@
 //!
 //! Rooms hand over accepted updates without waiting. One task appends
 //! everything queued in one transaction and starts the next commit as soon as
-//! there is something to commit, with up to [`Store::concurrent_appends`]
-//! commits in flight (finishing in order), so an update rarely waits for a
-//! commit already in progress (cross-replica latency includes the commit:
-//! only stored updates are published).
+//! the previous one ends (cross-replica latency includes the commit: only
+//! stored updates are published). When a backlog builds up behind it, up to
+//! [`Store::concurrent_appends`] commits run at once, finishing in order.
 //!
 //! If the database fails, the batch is retried with backoff and readiness
 //! reports the error; accepted updates stay queued in memory up to a byte
@@ -26,6 +25,11 @@ use crate::metrics as m;
 
 const MAX_BATCH_ROWS: usize = 8192;
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Queued items that let a commit start while another is in flight. Below
+/// it, overlapping commits of a row or two each only make their fsyncs
+/// contend: at 1,000 updates/s, three in flight took the cross-replica p99
+/// from 3.4 to 4.4 ms, where waiting batches what arrives meanwhile.
+const OVERLAP_BACKLOG: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -205,7 +209,9 @@ impl Worker {
             while let Ok(item) = rx.try_recv() {
                 queue.push_back(item);
             }
-            if !queue.is_empty() && in_flight.len() < max_in_flight {
+            let start = in_flight.is_empty()
+                || (in_flight.len() < max_in_flight && queue.len() >= OVERLAP_BACKLOG);
+            if !queue.is_empty() && start {
                 let batch = self.take_batch(&mut queue);
                 let (store, health) = (self.store.clone(), self.health.clone());
                 in_flight.push_back(commit(store, health, batch));
@@ -216,7 +222,7 @@ impl Worker {
             }
             tokio::select! {
                 Some(batch) = in_flight.next() => self.committed(batch),
-                n = rx.recv_many(&mut received, MAX_BATCH_ROWS), if open && queue.is_empty() => {
+                n = rx.recv_many(&mut received, MAX_BATCH_ROWS), if open => {
                     open = n > 0;
                     queue.extend(received.drain(..));
                 }
