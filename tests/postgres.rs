@@ -177,6 +177,8 @@ async fn interleave(stores: &[Arc<dyn Store>], a: Vec<u64>, b: Vec<u64>, compact
 struct Proxy {
     port: u16,
     cut: std::sync::Mutex<CancellationToken>,
+    /// The accept loop; it owns the listener.
+    accepting: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Proxy {
@@ -184,15 +186,22 @@ impl Proxy {
         let proxy = Arc::new(Proxy {
             port: free_port(),
             cut: std::sync::Mutex::new(CancellationToken::new()),
+            accepting: std::sync::Mutex::new(None),
         });
         proxy.clone().listen().await;
         proxy
     }
 
     async fn listen(self: Arc<Self>) {
+        // The port is free again only once the previous accept loop has
+        // dropped its listener.
+        let previous = self.accepting.lock().unwrap().take();
+        if let Some(previous) = previous {
+            previous.await.unwrap();
+        }
         let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
         let cut = self.cut.lock().unwrap().clone();
-        tokio::spawn(async move {
+        let accepting = tokio::spawn(async move {
             loop {
                 let (mut inbound, _) = tokio::select! {
                     accepted = listener.accept() => accepted.unwrap(),
@@ -211,6 +220,7 @@ impl Proxy {
                 });
             }
         });
+        *self.accepting.lock().unwrap() = Some(accepting);
     }
 
     fn cut(&self) {
