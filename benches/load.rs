@@ -140,7 +140,8 @@ async fn run(c: Config) {
         return;
     }
     // Cross-replica through Redis, next to one replica on the same stores.
-    let db = fresh_postgres().await;
+    let (db, db_name) = common::fresh_postgres("concord_bench").await;
+    common::checkpoint().await;
     let (mut single, single_url) = start_concord(
         &db,
         &[
@@ -152,6 +153,7 @@ async fn run(c: Config) {
     );
     let solo = fanout(&single_url, &single_url, &c).await;
     stop(&mut single);
+    common::checkpoint().await;
     let (mut r1, url1) = start_concord(
         &db,
         &[
@@ -185,8 +187,10 @@ async fn run(c: Config) {
     }
     stop(&mut r1);
     stop(&mut r2);
+    common::drop_postgres(&db_name).await;
     report.push_str(&format!(
-        "\nCross-replica (PostgreSQL + Redis Streams; both replicas on core 0, PostgreSQL and Redis unpinned):\n\n\
+        "\nCross-replica (PostgreSQL + Redis Streams; both replicas on core 0, PostgreSQL and Redis unpinned; \
+         a PostgreSQL `CHECKPOINT` before each of the two runs):\n\n\
          | topology | p50 | p99 | deliveries | generator CPU |\n| --- | --- | --- | --- | --- |\n\
          | one replica | {:.2} ms | {:.2} ms | {} | {:.0}% |\n| writer on replica 1, readers on replica 2 | {:.2} ms | {:.2} ms | {} | {:.0}% |\n",
         solo.p50, solo.p99, solo.deliveries, solo.cpu, cross.p50, cross.p99, cross.deliveries, cross.cpu
@@ -263,22 +267,6 @@ fn wait_port(port: u16) {
         assert!(Instant::now() < deadline, "server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-async fn fresh_postgres() -> String {
-    use sqlx::Connection;
-    let name = format!("concord_bench_{}", std::process::id());
-    let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
-        .await
-        .unwrap();
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-        .execute(&mut admin)
-        .await;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    format!("postgres://postgres@127.0.0.1:5432/{name}")
 }
 
 type Socket =

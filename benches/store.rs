@@ -35,7 +35,7 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let postgres = fresh_postgres().await;
+        let (postgres, postgres_name) = common::fresh_postgres("concord_bench_store").await;
         let mut report = format!(
             "\n## Store ({})\n\nCommand: `benches/run store{}`. Group commit as rooms use it; {updates} small text updates over {DOCS} documents; \
              a {log}-update log of 100-character inserts for the cold load (load = read snapshot + log and apply to a fresh Doc).\n\n\
@@ -47,6 +47,9 @@ fn main() {
         for (name, url) in [("SQLite", sqlite), ("PostgreSQL", postgres)] {
             let store = store::open(&url).await.unwrap();
             store.migrate().await.unwrap();
+            if name == "PostgreSQL" {
+                common::checkpoint().await;
+            }
             let rate = persisted_per_second(store.clone(), updates).await;
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             for shape in [Shape::Prepend, Shape::Typed] {
@@ -65,21 +68,9 @@ fn main() {
             }
             store.close().await;
         }
+        common::drop_postgres(&postgres_name).await;
         common::append_report(&report);
     });
-}
-
-async fn fresh_postgres() -> String {
-    use sqlx::Connection;
-    let name = format!("concord_bench_store_{}", std::process::id());
-    let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    format!("postgres://postgres@127.0.0.1:5432/{name}")
 }
 
 /// Small updates, as a typing user produces them: one character each.
