@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use concord::fanout::local::{LocalFanout, LocalHub};
+use concord::fanout::local::LocalFanout;
 use concord::health::Health;
 use concord::store::committer::{Committer, CompactionPolicy};
 use concord::store::{self, NewUpdate, Store};
@@ -87,7 +87,7 @@ fn typing(n: usize) -> Vec<Bytes> {
 }
 
 async fn persisted_per_second(store: Arc<dyn Store>, n: usize) -> f64 {
-    let fanout = Arc::new(LocalFanout::new(LocalHub::default(), "bench".into()));
+    let fanout = Arc::new(LocalFanout);
     let policy = CompactionPolicy {
         max_entries: u64::MAX,
         max_bytes: u64::MAX,

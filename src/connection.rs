@@ -30,36 +30,11 @@ pub mod close {
     pub const UNAUTHORIZED: u16 = 4401;
 }
 
-/// Asks a connection to close with a code, from any task (the room closes
-/// slow consumers through it). The first request wins.
-#[derive(Default)]
-pub struct Closer {
-    request: Mutex<Option<(u16, String)>>,
-    notify: Notify,
-}
-
-impl Closer {
-    pub fn close(&self, code: u16, reason: impl Into<String>) {
-        let mut request = self.request.lock().expect("closer lock");
-        if request.is_none() {
-            *request = Some((code, reason.into()));
-            self.notify.notify_one();
-        }
-    }
-
-    async fn requested(&self) -> (u16, String) {
-        loop {
-            if let Some(request) = self.request.lock().expect("closer lock").clone() {
-                return request;
-            }
-            self.notify.notified().await;
-        }
-    }
-}
-
-/// The frames queued for one socket, bounded in count and in bytes. Frames
-/// are shared between recipients, but a slow reader sitting on many large
-/// ones would keep them alive without bound.
+/// The frames queued for one socket, bounded in count and in bytes, and the
+/// request to close it (the room closes slow consumers and clients that break
+/// its rules through it; the first request wins). Frames are shared between
+/// recipients, but a slow reader sitting on many large ones would keep them
+/// alive without bound.
 ///
 /// A plain queue rather than a channel: a tokio channel allocates a block of
 /// slots up front, about 1 KiB per socket even while it is idle, and idle
@@ -78,6 +53,7 @@ struct Shared {
 struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    close: Option<(u16, String)>,
     /// Live [`Outbox`] handles; at zero the room has dropped the socket.
     senders: usize,
     /// Whether the connection still reads the queue.
@@ -98,6 +74,7 @@ impl Outbox {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
                 bytes: 0,
+                close: None,
                 senders: 1,
                 receiving: true,
             }),
@@ -128,6 +105,16 @@ impl Outbox {
         self.shared.ready.notify_one();
         Ok(())
     }
+
+    /// Asks the connection to close with `code`, ahead of anything queued.
+    pub fn close(&self, code: u16, reason: impl Into<String>) {
+        let mut state = self.shared.state.lock().expect("outbox lock");
+        if state.close.is_none() {
+            state.close = Some((code, reason.into()));
+            drop(state);
+            self.shared.ready.notify_one();
+        }
+    }
 }
 
 impl Clone for Outbox {
@@ -155,14 +142,24 @@ struct Queued {
     shared: Arc<Shared>,
 }
 
+/// What the room has for the connection next.
+enum Next {
+    Close(u16, String),
+    Frame(Bytes),
+    /// The room dropped every handle to the queue without asking to close.
+    Gone,
+}
+
 impl Queued {
-    /// The next frame, or `None` once the queue is empty and the room has
-    /// dropped every handle to it. Cancel-safe: a frame is taken only in the
-    /// poll that returns it.
-    async fn recv(&mut self) -> Option<Bytes> {
+    /// A close request first, then frames in order. Cancel-safe: a frame is
+    /// taken only in the poll that returns it.
+    async fn next(&mut self) -> Next {
         loop {
             {
                 let mut state = self.shared.state.lock().expect("outbox lock");
+                if let Some((code, reason)) = state.close.clone() {
+                    return Next::Close(code, reason);
+                }
                 if let Some(frame) = state.frames.pop_front() {
                     state.bytes -= frame.len();
                     // An idle socket keeps no slots: most sockets are idle,
@@ -170,10 +167,10 @@ impl Queued {
                     if state.frames.is_empty() {
                         state.frames = VecDeque::new();
                     }
-                    return Some(frame);
+                    return Next::Frame(frame);
                 }
                 if state.senders == 0 {
-                    return None;
+                    return Next::Gone;
                 }
             }
             // A push between the check and this wait leaves a permit behind.
@@ -222,10 +219,8 @@ pub fn run(
         let started = Instant::now();
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
         let (outbox, mut queued) = Outbox::new(limits.outbox_capacity, limits.outbox_bytes);
-        let closer = Arc::new(Closer::default());
         let peer = Peer {
             outbox,
-            closer: closer.clone(),
             can_write: session.can_write,
         };
         let end = match rooms.join(&session.doc, peer).await {
@@ -240,7 +235,6 @@ pub fn run(
                     &mut socket,
                     &member,
                     &mut queued,
-                    &closer,
                     &limits,
                     &shutdown,
                     &session,
@@ -250,18 +244,32 @@ pub fn run(
                     // On a graceful shutdown, what the client sent before it saw our
                     // close is still accepted, so an orderly restart loses nothing.
                     let accept = (*code == close::RESTARTING).then_some((&member, &session));
-                    close_socket(&mut socket, *code, reason, accept).await;
+                    // Boxed, as below: these run once, at the end, and would
+                    // otherwise size every idle socket's task.
+                    Box::pin(close_socket(&mut socket, *code, reason, accept)).await;
                 }
-                member.leave().await;
+                Box::pin(member.leave()).await;
                 end
             }
             Err(error @ (RoomError::Unavailable(_) | RoomError::Busy)) => {
                 let end = End::Close(close::TRY_AGAIN, error.to_string());
-                close_socket(&mut socket, close::TRY_AGAIN, &error.to_string(), None).await;
+                Box::pin(close_socket(
+                    &mut socket,
+                    close::TRY_AGAIN,
+                    &error.to_string(),
+                    None,
+                ))
+                .await;
                 end
             }
             Err(error) => {
-                close_socket(&mut socket, close::INTERNAL, &error.to_string(), None).await;
+                Box::pin(close_socket(
+                    &mut socket,
+                    close::INTERNAL,
+                    &error.to_string(),
+                    None,
+                ))
+                .await;
                 End::Close(close::INTERNAL, error.to_string())
             }
         };
@@ -289,7 +297,6 @@ async fn serve(
     socket: &mut WebSocket,
     member: &crate::room::Member,
     queued: &mut Queued,
-    closer: &Closer,
     limits: &Limits,
     shutdown: &CancellationToken,
     session: &Session,
@@ -301,11 +308,13 @@ async fn serve(
     let mut ping =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     let mut last_heard = Instant::now();
-    let expiry = session.expires_at.map(|at| {
+    // Boxed, and only when there is a token: an idle task would otherwise
+    // carry a timer it never uses.
+    let mut expiry = session.expires_at.map(|at| {
         let left = at
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        Instant::now() + left
+        Box::pin(tokio::time::sleep(left))
     });
 
     loop {
@@ -314,15 +323,18 @@ async fn serve(
             _ = shutdown.cancelled() => {
                 return End::Close(close::RESTARTING, "server shutting down".into());
             }
-            (code, reason) = closer.requested() => return End::Close(code, reason),
-            _ = sleep_until(expiry) => {
+            _ = expired(&mut expiry) => {
                 return End::Close(close::UNAUTHORIZED, "token expired".into());
             }
-            frame = queued.recv() => {
-                // The room dropped us without a close request: it is gone
-                // (a reload after a broken document, or a bug), so reconnect.
-                let Some(frame) = frame else {
-                    return End::Close(close::RESTARTING, "document unloaded".into());
+            next = queued.next() => {
+                let frame = match next {
+                    Next::Close(code, reason) => return End::Close(code, reason),
+                    Next::Frame(frame) => frame,
+                    // Gone without a close request: the room is gone (a reload
+                    // after a broken document, or a bug), so reconnect.
+                    Next::Gone => {
+                        return End::Close(close::RESTARTING, "document unloaded".into());
+                    }
                 };
                 let kind = ywebsocket::message_type(&frame);
                 if let Err(end) = write(socket, Message::Binary(frame), limits).await {
@@ -370,12 +382,20 @@ async fn serve(
 /// Writes one message. A peer that stops reading blocks the write once the
 /// socket's buffers are full, and the loop with it (a close the room asks for
 /// meanwhile is sent after the write); after `pong_timeout` without progress
-/// the peer is dropped.
+/// the peer is dropped. The future is boxed: with its timer it was the largest
+/// thing in the connection's task, which every idle socket carries.
 async fn write(socket: &mut WebSocket, msg: Message, limits: &Limits) -> Result<(), End> {
-    match tokio::time::timeout(limits.pong_timeout, socket.send(msg)).await {
+    match Box::pin(tokio::time::timeout(limits.pong_timeout, socket.send(msg))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::PeerGone("write failed")),
         Err(_) => Err(End::PeerGone("write timed out")),
+    }
+}
+
+async fn expired(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
     }
 }
 

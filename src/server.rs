@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::config::ServeArgs;
-use crate::fanout::local::{LocalFanout, LocalHub};
+use crate::fanout::local::LocalFanout;
 use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::http::{self, AppState, ClientAddrs};
@@ -59,7 +59,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot start Redis fan-out at {}", redact_url(url)))?,
         ),
-        None => Arc::new(LocalFanout::new(LocalHub::default(), replica.clone())),
+        None => Arc::new(LocalFanout),
     };
     let health = Arc::new(Health::default());
     let limits = Arc::new(args.limits.clone());

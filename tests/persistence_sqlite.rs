@@ -143,7 +143,7 @@ async fn health_and_readiness() {
 /// Updates past one group commit's byte limit go into the next commit; none is dropped.
 #[tokio::test]
 async fn group_commit_splits_large_batches_without_dropping_any() {
-    use concord::fanout::local::{LocalFanout, LocalHub};
+    use concord::fanout::local::LocalFanout;
     use concord::store::committer::{Committer, CompactionPolicy};
     use concord::store::{self, NewUpdate};
     use std::sync::Arc;
@@ -154,7 +154,7 @@ async fn group_commit_splits_large_batches_without_dropping_any() {
     store.migrate().await.unwrap();
     let (committer, _task) = Committer::spawn(
         store.clone(),
-        Arc::new(LocalFanout::new(LocalHub::default(), "t".into())),
+        Arc::new(LocalFanout),
         Default::default(),
         CompactionPolicy {
             max_entries: u64::MAX,

@@ -28,7 +28,8 @@ pub enum Remote {
 
 /// Receives a document's messages from other replicas until dropped.
 pub struct Subscription {
-    pub rx: mpsc::Receiver<Remote>,
+    /// `None` when nothing can ever arrive (a single node).
+    pub rx: Option<mpsc::Receiver<Remote>>,
     /// Unsubscribes on drop.
     pub _guard: Box<dyn Send + Sync>,
 }

@@ -199,7 +199,7 @@ impl Fanout for RedisFanout {
             .rooms
             .push((id, tx));
         Ok(Subscription {
-            rx,
+            rx: Some(rx),
             _guard: Box::new(Unsubscribe {
                 shared: self.shared.clone(),
                 doc: doc.clone(),

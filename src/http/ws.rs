@@ -34,8 +34,9 @@ pub async fn upgrade(
             // dominated an idle connection's memory (128 KiB by default, 4 KiB
             // was still 40 % of it). tungstenite reserves a frame's whole length
             // once its header is in, so a large frame is still read in big
-            // chunks; this only caps how many small frames one read takes in.
-            ws.read_buffer_size(256)
+            // chunks; this only caps how many small frames one read takes in
+            // (a typical update or awareness frame fits).
+            ws.read_buffer_size(128)
                 .write_buffer_size(0)
                 .max_message_size(limit)
                 .max_frame_size(limit)
@@ -53,11 +54,12 @@ pub async fn upgrade(
                         )),
                         Err(error) => Either::Right(refuse(socket, doc, error)),
                     };
-                    // A combinator, not an async block: awaiting the future
-                    // from a block would keep a second slot for it.
-                    state
-                        .connections
-                        .track_future(served.map(move |()| drop(slot)))
+                    // A task of its own rather than awaited in axum's: that
+                    // task keeps everything it and this closure captured for
+                    // as long as the socket lives. A combinator, not an async
+                    // block, which would keep a second slot for the future.
+                    state.connections.spawn(served.map(move |()| drop(slot)));
+                    std::future::ready(())
                 })
         }
         Err((reason, error)) => {

@@ -18,7 +18,7 @@ use yrs::sync::{Awareness, Message};
 use yrs::updates::decoder::Decode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
-use super::{Command, ConnId, Peer, RoomError, Rooms, Snapshot};
+use super::{Command, ConnId, Peer, RoomError, Rooms, Snapshot, Write};
 use crate::connection::{close, sleep_until, Overflow};
 use crate::fanout::{Remote, Subscription};
 use crate::guard::{self, ApplyError};
@@ -142,8 +142,8 @@ impl Room {
                     Command::Read { reply, .. } => {
                         let _ = reply.send(Err(error.clone()));
                     }
-                    Command::Write { reply, .. } => {
-                        let _ = reply.send(Err(error.clone()));
+                    Command::Write(write) => {
+                        let _ = write.reply.send(Err(error.clone()));
                     }
                     Command::Leave { .. } | Command::Inbound { .. } => {}
                 }
@@ -192,7 +192,7 @@ impl Room {
         for member in self.members.values() {
             member
                 .peer
-                .closer
+                .outbox
                 .close(close::RESTARTING, "document reloading");
         }
         self.members.clear();
@@ -203,7 +203,7 @@ impl Room {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Join { conn, peer, reply } => {
-                self.join(conn, peer);
+                self.join(conn, *peer);
                 let _ = reply.send(Ok(()));
             }
             Command::Leave { conn } => self.leave(conn),
@@ -215,10 +215,11 @@ impl Room {
                     .map(|update| Snapshot { update, exists });
                 let _ = reply.send(result);
             }
-            Command::Write { raw, update, reply } => {
+            Command::Write(write) => {
+                let Write { raw, update, reply } = *write;
                 let (durable, stored) = oneshot::channel();
                 let result = self
-                    .apply_local(raw, *update, None, Some(durable))
+                    .apply_local(raw, update, None, Some(durable))
                     .map(|()| stored);
                 let _ = reply.send(result);
             }
@@ -291,14 +292,14 @@ impl Room {
                         _ => close::TRY_AGAIN,
                     };
                     tracing::info!(doc = %self.doc_name, %error, "update refused");
-                    member.peer.closer.close(code, error.to_string());
+                    member.peer.outbox.close(code, error.to_string());
                     self.leave(conn);
                 }
             }
             Inbound::Awareness { raw, update } => {
                 if let Err(reason) = check_awareness(&member.awareness_ids, &update) {
                     tracing::info!(doc = %self.doc_name, reason, "awareness refused");
-                    member.peer.closer.close(close::POLICY, reason);
+                    member.peer.outbox.close(close::POLICY, reason);
                     self.leave(conn);
                     return;
                 }
@@ -486,7 +487,7 @@ fn send(peer: &Peer, frame: Bytes) -> bool {
     match peer.outbox.push(frame) {
         Ok(()) => true,
         Err(Overflow::Full) => {
-            peer.closer
+            peer.outbox
                 .close(close::TRY_AGAIN, "slow consumer: outgoing queue overflowed");
             false
         }
@@ -525,7 +526,7 @@ fn is_empty_update(update: &[u8]) -> bool {
 
 async fn recv_remote(sub: &mut Option<Subscription>) -> Option<Remote> {
     match sub {
-        Some(sub) => sub.rx.recv().await,
-        None => std::future::pending().await,
+        Some(Subscription { rx: Some(rx), .. }) => rx.recv().await,
+        _ => std::future::pending().await,
     }
 }

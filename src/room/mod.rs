@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use yrs::{StateVector, Update};
 
-use crate::connection::{Closer, Outbox};
+use crate::connection::Outbox;
 use crate::fanout::Fanout;
 use crate::protocol::Inbound;
 use crate::store::committer::Committer;
@@ -34,7 +34,6 @@ pub type ConnId = u64;
 pub struct Peer {
     /// Frames for the client; full means a slow consumer (closed with 1013).
     pub outbox: Outbox,
-    pub closer: Arc<Closer>,
     /// Readers' document updates are dropped; their awareness is not.
     pub can_write: bool,
 }
@@ -62,7 +61,7 @@ pub struct Snapshot {
 pub(crate) enum Command {
     Join {
         conn: ConnId,
-        peer: Peer,
+        peer: Box<Peer>,
         reply: oneshot::Sender<Result<(), RoomError>>,
     },
     Leave {
@@ -73,15 +72,18 @@ pub(crate) enum Command {
         msg: Box<Inbound>,
     },
     Read {
-        since: StateVector,
+        since: Box<StateVector>,
         reply: oneshot::Sender<Result<Snapshot, RoomError>>,
     },
-    Write {
-        raw: Bytes,
-        update: Box<Update>,
-        /// Answered with a receiver that fires once the update is durable.
-        reply: oneshot::Sender<Result<oneshot::Receiver<()>, RoomError>>,
-    },
+    Write(Box<Write>),
+}
+
+/// An update posted over HTTP.
+pub(crate) struct Write {
+    raw: Bytes,
+    update: Update,
+    /// Answered with a receiver that fires once the update is durable.
+    reply: oneshot::Sender<Result<oneshot::Receiver<()>, RoomError>>,
 }
 
 /// What every room shares.
@@ -161,7 +163,15 @@ impl Rooms {
         let conn = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let tx = self
-            .dispatch(doc, true, Command::Join { conn, peer, reply })?
+            .dispatch(
+                doc,
+                true,
+                Command::Join {
+                    conn,
+                    peer: Box::new(peer),
+                    reply,
+                },
+            )?
             .expect("spawned");
         answer
             .await
@@ -174,7 +184,7 @@ impl Rooms {
     pub async fn read(&self, doc: &str, since: StateVector) -> Result<Snapshot, RoomError> {
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Read {
-            since: since.clone(),
+            since: Box::new(since.clone()),
             reply,
         };
         match self.dispatch(doc, false, cmd)? {
@@ -188,8 +198,8 @@ impl Rooms {
     /// Merges an update as if a client had sent it; resolves once it is durable.
     pub async fn write(&self, doc: &str, raw: Bytes, update: Update) -> Result<(), RoomError> {
         let (reply, answer) = oneshot::channel();
-        let update = Box::new(update);
-        self.dispatch(doc, true, Command::Write { raw, update, reply })?;
+        let write = Box::new(Write { raw, update, reply });
+        self.dispatch(doc, true, Command::Write(write))?;
         let durable = answer
             .await
             .map_err(|_| RoomError::Unavailable("room stopped".into()))??;
