@@ -11,6 +11,10 @@
 //! - idle: IDLE clients connected and synced, then idle; server RSS growth per connection.
 //! - cross-replica: the fan-out scenario with writers on replica 1 and readers
 //!   on replica 2 (PostgreSQL + Redis), next to a single replica on the same stores.
+//! - the floor: the fan-out scenario against a relay that only forwards each
+//!   frame to the other sockets of its path (this binary run with `--relay`),
+//!   so the table shows what this generator measures for a server that does
+//!   nothing at all.
 
 mod common;
 
@@ -35,6 +39,14 @@ struct Config {
 }
 
 fn main() {
+    if let Some(port) = std::env::args().skip_while(|a| a != "--relay").nth(1) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(relay(port.parse().expect("--relay PORT")));
+        return;
+    }
     // Pin before the runtime starts, so every worker thread inherits it.
     let pid = std::process::id().to_string();
     let pinned = Command::new("taskset")
@@ -87,11 +99,16 @@ async fn run(c: Config) {
         .collect::<Vec<_>>()
         .join(" ");
     report.push_str(&format!(
-        "\n## Fan-out and idle memory ({})\n\nCommand: `benches/run{}{}`. Servers pinned to core 0, generator to core 1. \
+        "\n## {} ({})\n\nCommand: `benches/run{}{}`. Servers pinned to core 0, generator to core 1. \
          Fan-out: {} rooms × {} clients (1 writer + {} readers per room), {} updates/s per writer, {} s measured. \
          Idle: {} clients, synced then idle. Concord runs on embedded SQLite (every update persisted); \
-         the reference server keeps documents in memory only. Concord runs with `--max-connections-per-ip 100000` \
-         since every generated client comes from 127.0.0.1.\n\n",
+         the reference server keeps documents in memory only; the no-op relay only forwards frames. \
+         Concord runs with `--max-connections-per-ip 100000` since every generated client comes from 127.0.0.1.\n\n",
+        if wanted("local") {
+            "Fan-out and idle memory"
+        } else {
+            "Cross-replica"
+        },
         common::today(),
         if cmd.is_empty() { "" } else { " " },
         cmd,
@@ -110,7 +127,7 @@ async fn run(c: Config) {
     let dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
     let targets: &[&str] = if wanted("local") {
-        &["concord", "y-websocket reference"]
+        &["concord", "y-websocket reference", "no-op relay (floor)"]
     } else {
         &[]
     };
@@ -118,20 +135,24 @@ async fn run(c: Config) {
         let (mut server, url) = start(target, &dir, "fanout");
         let fan = fanout(&url, &url, &c).await;
         stop(&mut server);
-        let (mut server, url) = start(target, &dir, "idle");
-        let (base, per) = idle(&url, server.id(), c.idle).await;
-        stop(&mut server);
-        rows.push((target, fan, base, per));
+        let memory = if target.starts_with("no-op") {
+            None
+        } else {
+            let (mut server, url) = start(target, &dir, "idle");
+            let memory = idle(&url, server.id(), c.idle).await;
+            stop(&mut server);
+            Some(memory)
+        };
+        rows.push((target, fan, memory));
     }
-    for (target, fan, base, per) in &rows {
+    for (target, fan, memory) in &rows {
+        let (base, per) = match memory {
+            Some((base, per)) => (format!("{:.1} MiB", base / 1024.0), format!("{per:.1} KiB")),
+            None => ("–".into(), "–".into()),
+        };
         report.push_str(&format!(
-            "| {target} | {:.2} ms | {:.2} ms | {} | {:.0}% | {:.1} MiB | {:.1} KiB |\n",
-            fan.p50,
-            fan.p99,
-            fan.deliveries,
-            fan.cpu,
-            base / 1024.0,
-            per
+            "| {target} | {:.2} ms | {:.2} ms | {} | {:.0}% | {base} | {per} |\n",
+            fan.p50, fan.p99, fan.deliveries, fan.cpu,
         ));
     }
 
@@ -206,6 +227,17 @@ fn start(target: &str, dir: &tempfile::TempDir, tag: &str) -> (Child, String) {
                 dir.path().join(format!("{tag}.db")).display()
             );
             start_concord(&db, &[])
+        }
+        "no-op relay (floor)" => {
+            let port = free_port();
+            let child = Command::new("taskset")
+                .args(["-c", "0"])
+                .arg(std::env::current_exe().unwrap())
+                .args(["--relay", &port.to_string()])
+                .spawn()
+                .expect("relay");
+            wait_port(port);
+            (child, format!("ws://127.0.0.1:{port}"))
         }
         _ => {
             let port = free_port();
@@ -438,4 +470,67 @@ async fn idle(url: &str, pid: u32, n: usize) -> (f64, f64) {
     let after = rss_kib(pid);
     drop(sockets);
     (base, (after - base) / n as f64)
+}
+
+/// The floor: accepts sockets, answers a client's sync step 1 with an empty
+/// step 2, and forwards every other frame to the other sockets of the same
+/// path. No document, no store: what is left of a fan-out latency is the
+/// sockets, the scheduler and this generator.
+// The handshake callback's error type is tungstenite's.
+#[allow(clippy::result_large_err)]
+async fn relay(port: u16) {
+    use std::collections::HashMap;
+    use tokio::sync::mpsc;
+    type Peers = Arc<std::sync::Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Ws>)>>>>;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let peers: Peers = Default::default();
+    for id in 0u64.. {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = tcp.set_nodelay(true);
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            let mut path = String::new();
+            let callback = |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                            resp| {
+                path = req.uri().path().to_string();
+                Ok(resp)
+            };
+            let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, callback).await else {
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let (tx, mut rx) = mpsc::unbounded_channel::<Ws>();
+            peers
+                .lock()
+                .unwrap()
+                .entry(path.clone())
+                .or_default()
+                .push((id, tx.clone()));
+            tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    if sink.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            while let Some(Ok(msg)) = stream.next().await {
+                let Ws::Binary(data) = msg else { continue };
+                if data.starts_with(&[0, 0]) {
+                    let reply = Message::Sync(SyncMessage::SyncStep2(Update::EMPTY_V1.to_vec()));
+                    let _ = tx.send(Ws::Binary(reply.encode_v1().into()));
+                    continue;
+                }
+                for (other, peer) in peers.lock().unwrap().get(&path).into_iter().flatten() {
+                    if *other != id {
+                        let _ = peer.send(Ws::Binary(data.clone()));
+                    }
+                }
+            }
+            if let Some(list) = peers.lock().unwrap().get_mut(&path) {
+                list.retain(|(other, _)| *other != id);
+            }
+        });
+    }
 }
