@@ -44,6 +44,20 @@ pub struct NewUpdate {
     pub data: bytes::Bytes,
 }
 
+/// One multi-row `INSERT` of `rows` into the update log, for either database.
+fn insert_rows<'a, DB>(rows: &'a [NewUpdate]) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut query = sqlx::QueryBuilder::new("INSERT INTO document_updates (doc, data) ");
+    query.push_values(rows, |mut row, u| {
+        row.push_bind(&*u.doc).push_bind(&u.data[..]);
+    });
+    query
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]

@@ -12,10 +12,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
-    fold, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError, StoredDoc,
+    fold, insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store,
+    StoreError, StoredDoc,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -201,21 +202,19 @@ impl Store for PostgresStore {
 /// this before it is published to the other replicas.
 async fn append_on(conn: &mut PgConnection, batch: &[NewUpdate]) -> Result<(), StoreError> {
     if batch.len() <= ROWS_PER_INSERT {
-        insert_rows(batch).build().execute(&mut *conn).await?;
+        insert_rows::<Postgres>(batch)
+            .build()
+            .execute(&mut *conn)
+            .await?;
         return Ok(());
     }
     let mut txn = conn.begin().await?;
     for chunk in batch.chunks(ROWS_PER_INSERT) {
-        insert_rows(chunk).build().execute(&mut *txn).await?;
+        insert_rows::<Postgres>(chunk)
+            .build()
+            .execute(&mut *txn)
+            .await?;
     }
     txn.commit().await?;
     Ok(())
-}
-
-fn insert_rows(rows: &[NewUpdate]) -> QueryBuilder<'_, Postgres> {
-    let mut query = QueryBuilder::new("INSERT INTO document_updates (doc, data) ");
-    query.push_values(rows, |mut row, u| {
-        row.push_bind(&*u.doc).push_bind(&u.data[..]);
-    });
-    query
 }

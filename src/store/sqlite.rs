@@ -10,10 +10,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlitePool};
+use sqlx::{Row, Sqlite, SqlitePool};
 
 use super::{
-    fold, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError, StoredDoc,
+    fold, insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store,
+    StoreError, StoredDoc,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -84,10 +85,7 @@ impl Store for SqliteStore {
     async fn append(&self, batch: &[NewUpdate]) -> Result<(), StoreError> {
         let mut txn = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in batch.chunks(ROWS_PER_INSERT) {
-            QueryBuilder::new("INSERT INTO document_updates (doc, data) ")
-                .push_values(chunk, |mut row, u| {
-                    row.push_bind(&*u.doc).push_bind(&u.data[..]);
-                })
+            insert_rows::<Sqlite>(chunk)
                 .build()
                 .execute(&mut *txn)
                 .await?;
