@@ -10,10 +10,12 @@
 //! tip before its room loads from the store) misses nothing. Redis re-registers
 //! a blocked `XREAD` on every key it names each time it is served, so with
 //! one reader for all documents each delivery would cost Redis work in
-//! proportion to every document the replica holds. One publisher task pipelines `XADD`s. When Redis goes
-//! away, both retry with backoff; once back, every room resyncs from the store
-//! (which holds everything that was ever published) and the streams resume
-//! from where they were, so clients converge without reconnecting.
+//! proportion to every document the replica holds.
+//!
+//! One publisher task pipelines `XADD`s. When Redis goes away, the publisher
+//! and the readers retry with backoff; once back, every room resyncs from the
+//! store (which holds everything that was ever published) and the streams
+//! resume from where they were, so clients converge without reconnecting.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
