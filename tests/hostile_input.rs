@@ -200,6 +200,9 @@ async fn updates_that_repeat_an_id_are_integrated_once() {
         // A round trip after the frame: the server handled it and answers.
         attacker.sync().await;
         writer.insert("t", 6, "!").await;
+        // The room orders one socket's messages, not two sockets': a round
+        // trip makes sure it applied the insert before the fresh client joins.
+        writer.sync().await;
         let fresh = Client::connect(&server.ws_url(&doc)).await;
         assert_eq!(fresh.text("t"), "intact!");
         docs.push(doc);
