@@ -59,6 +59,12 @@ pub struct ServeArgs {
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Entries each document's Redis stream keeps (at least; the database is the
+    /// record). A replica that falls further behind on a document resyncs it from the database.
+    #[arg(long, env = "CONCORD_STREAM_MAX_LEN", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub stream_max_len: u64,
+
     #[command(flatten)]
     pub auth: AuthArgs,
 

@@ -56,9 +56,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let fanout: Arc<dyn Fanout> = match &args.redis_url {
         Some(url) => Arc::new(
-            crate::fanout::redis::RedisFanout::connect(url, replica.clone())
-                .await
-                .with_context(|| format!("cannot start Redis fan-out at {}", redact_url(url)))?,
+            crate::fanout::redis::RedisFanout::connect(
+                url,
+                replica.clone(),
+                args.stream_max_len as usize,
+            )
+            .await
+            .with_context(|| format!("cannot start Redis fan-out at {}", redact_url(url)))?,
         ),
         None => Arc::new(LocalFanout),
     };

@@ -164,6 +164,69 @@ async fn redis_outage_converges_without_reconnecting() {
     drop(redis);
 }
 
+/// A replica stalled while another writes more than a stream keeps: once it
+/// runs again it notices the trim and catches up from the database, and its
+/// client converges without reconnecting. Streams stay bounded and expire.
+#[tokio::test]
+async fn a_replica_behind_a_trimmed_stream_resyncs_from_the_database() {
+    let db = fresh_postgres().await;
+    let redis_url = shared_redis_url();
+    let start = |id: &str| {
+        Server::replica(&db, &redis_url, id)
+            .args(["--stream-max-len", "100"])
+            .start()
+    };
+    let (r1, r2) = (start("r1"), start("r2"));
+    let doc = unique("replicas/trimmed");
+    let mut a = Client::connect(&r1.ws_url(&doc)).await;
+    let mut b = Client::connect(&r2.ws_url(&doc)).await;
+    a.insert("t", 0, "x").await;
+    b.wait_text("t", "x").await;
+
+    signal(&r2.child, "STOP");
+    for i in 1..=600 {
+        a.insert("t", i, "x").await;
+    }
+    let redis = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("concord:{{{doc}}}:updates");
+    // Every update is in the stream (so r2 has fallen behind it) before r2 resumes.
+    let deadline = std::time::Instant::now() + WAIT;
+    while stream_field(&mut conn, &key, "entries-added").await < 601 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "updates not published"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(len < 300, "the stream holds {len} entries");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the stream has no expiry ({ttl})");
+
+    signal(&r2.child, "CONT");
+    b.wait_text("t", &"x".repeat(601)).await;
+    assert!(b.closed.is_none());
+}
+
+async fn stream_field(conn: &mut redis::aio::MultiplexedConnection, key: &str, field: &str) -> i64 {
+    let info: std::collections::HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap();
+    redis::from_redis_value(&info[field]).unwrap()
+}
+
 async fn wait_status(server: &Server, path: &str, want: u16) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {

@@ -12,6 +12,13 @@
 //! one reader for all documents each delivery would cost Redis work in
 //! proportion to every document the replica holds.
 //!
+//! Streams are capped in length, so a reader that falls further behind than
+//! the cap (a stalled process, a flood) would silently skip what was trimmed.
+//! Only a read that comes back full can follow such a gap, so after one the
+//! reader asks Redis whether anything past its position was trimmed, and if
+//! so the document's rooms resync from the store. A room whose queue is full
+//! is likewise owed a resync rather than sent a partial stream.
+//!
 //! One publisher task pipelines `XADD`s. When Redis goes away, the publisher
 //! and the readers retry with backoff; once back, every room resyncs from the
 //! store (which holds everything that was ever published) and the streams
@@ -19,22 +26,22 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamRangeReply, StreamReadReply};
-use redis::{AsyncCommands, Value};
+use redis::{AsyncCommands, FromRedisValue, Value};
 use tokio::sync::mpsc;
 
 use super::{Fanout, FanoutError, Remote, Subscription};
 use crate::metrics as m;
 
-/// Streams keep about this many entries; the database is the record.
-const STREAM_MAXLEN: usize = 10_000;
 /// A stream untouched this long expires (its document is idle everywhere).
 const STREAM_TTL_SECS: i64 = 24 * 3600;
+/// A document's stream TTL is renewed at most this often, not on every publish.
+const TTL_RENEWAL: Duration = Duration::from_secs(3600);
 /// How long one XREAD blocks; also how soon a new subscription is read.
 const BLOCK_MS: usize = 100;
 const READ_COUNT: usize = 1024;
@@ -56,7 +63,43 @@ struct DocSubscription {
     key: String,
     /// Last stream id delivered for this document.
     last_id: String,
-    rooms: Vec<(u64, mpsc::Sender<Remote>)>,
+    rooms: Vec<RoomQueue>,
+}
+
+struct RoomQueue {
+    id: u64,
+    tx: mpsc::Sender<Remote>,
+    /// The room missed something and gets nothing more until it has been
+    /// told to resync (its queue was full, or the stream was trimmed past it).
+    owes_resync: bool,
+}
+
+impl DocSubscription {
+    fn deliver(&mut self, remote: &Remote) {
+        for room in &mut self.rooms {
+            if !room.owes_resync && room.tx.try_send(remote.clone()).is_err() {
+                room.owes_resync = true;
+            }
+        }
+    }
+
+    fn resync(&mut self) {
+        for room in &mut self.rooms {
+            room.owes_resync = true;
+        }
+        self.settle();
+    }
+
+    /// Sends owed resyncs to rooms with space for them. A room reloads from
+    /// the store when it takes the resync, after everything it skipped was
+    /// published and so stored: the reload covers all of it.
+    fn settle(&mut self) {
+        for room in &mut self.rooms {
+            if room.owes_resync && room.tx.try_send(Remote::Resync).is_ok() {
+                room.owes_resync = false;
+            }
+        }
+    }
 }
 
 /// The documents one reader task reads, and why it cannot, if it cannot.
@@ -68,15 +111,18 @@ struct Shard {
 
 struct Shared {
     shards: Vec<Shard>,
+    /// Entries each stream keeps (at least: Redis trims whole nodes).
+    max_len: usize,
     /// Why the publisher cannot publish, if it cannot.
     publish_down: Mutex<Option<String>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
-    fn new() -> Self {
+    fn new(max_len: usize) -> Self {
         Self {
             shards: (0..READERS).map(|_| Shard::default()).collect(),
+            max_len,
             publish_down: Mutex::new(None),
             next_id: Default::default(),
         }
@@ -107,14 +153,18 @@ pub struct RedisFanout {
 
 impl RedisFanout {
     /// Connects (failing fast if Redis is unreachable at start) and starts
-    /// the reader and publisher tasks.
-    pub async fn connect(url: &str, replica: Arc<str>) -> Result<Self, FanoutError> {
+    /// the reader and publisher tasks. Streams keep at least `max_len` entries.
+    pub async fn connect(
+        url: &str,
+        replica: Arc<str>,
+        max_len: usize,
+    ) -> Result<Self, FanoutError> {
         let client = redis::Client::open(url).map_err(|e| FanoutError(e.to_string()))?;
         let conn = client
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| FanoutError(e.to_string()))?;
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(max_len));
         let (publish, queue) = mpsc::unbounded_channel();
         tokio::spawn(publisher(
             client.clone(),
@@ -159,7 +209,7 @@ impl Drop for Unsubscribe {
     fn drop(&mut self) {
         let mut docs = self.shared.shard(&self.doc).docs.lock().expect("docs lock");
         if let Some(sub) = docs.get_mut(&self.doc) {
-            sub.rooms.retain(|(id, _)| *id != self.id);
+            sub.rooms.retain(|room| room.id != self.id);
             if sub.rooms.is_empty() {
                 docs.remove(&self.doc);
             }
@@ -199,7 +249,11 @@ impl Fanout for RedisFanout {
                 rooms: Vec::new(),
             })
             .rooms
-            .push((id, tx));
+            .push(RoomQueue {
+                id,
+                tx,
+                owes_resync: false,
+            });
         Ok(Subscription {
             rx: Some(rx),
             _guard: Box::new(Unsubscribe {
@@ -251,6 +305,10 @@ async fn publisher(
     let mut unpublished: VecDeque<Publish> = VecDeque::new();
     let mut received = Vec::new();
     let mut backoff = BACKOFF_START;
+    // When each document's stream TTL was last renewed (pruned once per renewal period).
+    let mut renewed: HashMap<Arc<str>, Instant> = HashMap::new();
+    let mut pruned = Instant::now();
+    let mut renewing = Vec::new();
     loop {
         if unpublished.is_empty() {
             if queue.recv_many(&mut received, READ_COUNT).await == 0 {
@@ -274,13 +332,14 @@ async fn publisher(
         let batch = unpublished.len().min(READ_COUNT);
         let mut pipe = redis::pipe();
         let t = now_us();
+        let now = Instant::now();
         for p in unpublished.iter().take(batch) {
             let key = stream_key(&p.doc);
             pipe.cmd("XADD")
                 .arg(&key)
                 .arg("MAXLEN")
                 .arg("~")
-                .arg(STREAM_MAXLEN)
+                .arg(shared.max_len)
                 .arg("*")
                 .arg("k")
                 .arg(p.kind)
@@ -291,17 +350,32 @@ async fn publisher(
                 .arg("d")
                 .arg(&p.payload[..])
                 .ignore();
-            pipe.expire(&key, STREAM_TTL_SECS).ignore();
+            let due = renewed
+                .get(&p.doc)
+                .is_none_or(|at| now.duration_since(*at) >= TTL_RENEWAL);
+            if due {
+                pipe.expire(&key, STREAM_TTL_SECS).ignore();
+                renewed.insert(p.doc.clone(), now);
+                renewing.push(p.doc.clone());
+            }
         }
         match pipe.query_async::<()>(&mut conn).await {
             Ok(()) => {
                 unpublished.drain(..batch);
+                renewing.clear();
+                if now.duration_since(pruned) >= TTL_RENEWAL {
+                    renewed.retain(|_, at| now.duration_since(*at) < TTL_RENEWAL);
+                    pruned = now;
+                }
                 if backoff != BACKOFF_START {
                     set(&shared.publish_down, None);
                     backoff = BACKOFF_START;
                 }
             }
             Err(error) => {
+                for doc in renewing.drain(..) {
+                    renewed.remove(&doc);
+                }
                 metrics::counter!(m::FANOUT_ERRORS).increment(1);
                 tracing::warn!(%error, pending = unpublished.len(), "publishing to Redis failed");
                 set(
@@ -362,6 +436,7 @@ async fn read_loop(
         tracing::info!("Redis is back; documents resynced from the database");
     }
     set(&shard.down, None);
+    let read_count = READ_COUNT.min(shared.max_len);
     let mut cmd = redis::Cmd::new();
     loop {
         if Arc::strong_count(shared) == 1 {
@@ -371,7 +446,7 @@ async fn read_loop(
         cmd.clear();
         cmd.arg("XREAD")
             .arg("COUNT")
-            .arg(READ_COUNT)
+            .arg(read_count)
             .arg("BLOCK")
             .arg(BLOCK_MS)
             .arg("STREAMS");
@@ -390,38 +465,82 @@ async fn read_loop(
             continue;
         }
         let reply: Option<StreamReadReply> = cmd.query_async(&mut conn).await?;
-        let Some(reply) = reply else { continue };
-        let now = now_us();
-        let mut docs = shard.docs.lock().expect("docs lock");
-        for stream in reply.keys {
-            let doc = doc_of(&stream.key);
-            let Some(sub) = docs.get_mut(doc) else {
-                continue;
-            };
-            for entry in stream.ids {
-                sub.last_id = entry.id.clone();
-                if field_str(&entry.map, "r").as_deref() == Some(replica) {
-                    continue;
-                }
-                let Some(payload) = field_bytes(&entry.map, "d") else {
+        // Streams whose read came back full, with the position it started from.
+        let mut full = Vec::new();
+        {
+            let now = now_us();
+            let mut docs = shard.docs.lock().expect("docs lock");
+            for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                let Some(sub) = docs.get_mut(doc_of(&stream.key)) else {
                     continue;
                 };
-                if let Some(sent) = field_str(&entry.map, "t").and_then(|t| t.parse::<u64>().ok()) {
-                    metrics::histogram!(m::FANOUT_LAG_SECONDS)
-                        .record(now.saturating_sub(sent) as f64 / 1e6);
+                if stream.ids.len() >= read_count {
+                    full.push((stream.key.clone(), sub.last_id.clone()));
                 }
-                let remote = match field_str(&entry.map, "k").as_deref() {
-                    Some("u") => Remote::Update(payload),
-                    Some("a") => Remote::Awareness(payload),
-                    _ => continue,
-                };
-                for (_, tx) in &sub.rooms {
-                    if tx.try_send(remote.clone()).is_err() {
-                        let _ = tx.try_send(Remote::Resync);
+                for entry in stream.ids {
+                    sub.last_id = entry.id.clone();
+                    if let Some(remote) = remote_of(&entry.map, replica, now) {
+                        sub.deliver(&remote);
                     }
                 }
             }
+            for sub in docs.values_mut() {
+                sub.settle();
+            }
         }
+        for (key, from) in full {
+            if trimmed_past(&mut conn, &key, &from).await? {
+                tracing::warn!(
+                    doc = doc_of(&key),
+                    "stream trimmed past this replica's position; resyncing from the database"
+                );
+                if let Some(sub) = shard.docs.lock().expect("docs lock").get_mut(doc_of(&key)) {
+                    sub.resync();
+                }
+            }
+        }
+    }
+}
+
+/// What an entry carries for this replica: nothing for its own entries.
+fn remote_of(map: &HashMap<String, Value>, replica: &str, now: u64) -> Option<Remote> {
+    if field_str(map, "r").as_deref() == Some(replica) {
+        return None;
+    }
+    let payload = field_bytes(map, "d")?;
+    if let Some(sent) = field_str(map, "t").and_then(|t| t.parse::<u64>().ok()) {
+        metrics::histogram!(m::FANOUT_LAG_SECONDS).record(now.saturating_sub(sent) as f64 / 1e6);
+    }
+    match field_str(map, "k").as_deref() {
+        Some("u") => Some(Remote::Update(payload)),
+        Some("a") => Some(Remote::Awareness(payload)),
+        _ => None,
+    }
+}
+
+/// Whether Redis may have trimmed entries of the stream newer than `from`,
+/// which a reader starting there never saw: trimming drops the oldest entries
+/// first, so it did if `from` itself is gone (older than the first entry the
+/// stream still holds, which Redis 7 reports; an older server does not, and
+/// then a trim is assumed).
+async fn trimmed_past(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    from: &str,
+) -> redis::RedisResult<bool> {
+    let reply: redis::RedisResult<HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(key)
+        .query_async(conn)
+        .await;
+    match reply {
+        Ok(info) => Ok(info
+            .get("recorded-first-entry-id")
+            .and_then(|v| String::from_redis_value(v).ok())
+            .is_none_or(|first| id_less(from, &first))),
+        Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => Err(e),
+        // The stream is gone (expired or deleted): whatever it held is lost to us.
+        Err(_) => Ok(true),
     }
 }
 
@@ -444,9 +563,7 @@ async fn recover(conn: &mut MultiplexedConnection, shard: &Shard) -> redis::Redi
             if behind {
                 sub.last_id = "0-0".into();
             }
-            for (_, tx) in &sub.rooms {
-                let _ = tx.try_send(Remote::Resync);
-            }
+            sub.resync();
         }
     }
     Ok(())
