@@ -155,6 +155,10 @@ async fn metrics_move_with_a_session() {
     b.wait_text("t", "m").await;
     a.set_awareness(1, "{}").await;
     b.pump_until(|c| c.awareness_frames > 0).await;
+    // b saw the update at its local broadcast, which precedes the group commit.
+    server
+        .wait_metric("concord_updates_persisted_total", |v| v >= 1.0)
+        .await;
     let body = reqwest::get(server.http("/metrics"))
         .await
         .unwrap()
@@ -164,7 +168,7 @@ async fn metrics_move_with_a_session() {
     for (name, min) in [
         ("concord_messages_received_total{replica", 0.0),
         ("concord_documents_loaded", 1.0),
-        ("concord_updates_persisted_total", 0.0),
+        ("concord_updates_persisted_total", 1.0),
     ] {
         assert!(metric_value(&body, name) >= min, "{name}");
     }
