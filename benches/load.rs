@@ -1,5 +1,6 @@
-//! Load generator speaking the y-websocket protocol, measuring Concord side
-//! by side with the reference server (`@y/websocket-server`) in one run.
+//! Load generator speaking the y-websocket protocol (and Hocuspocus's framing
+//! of it), measuring Concord side by side with the reference server
+//! (`@y/websocket-server`) and Hocuspocus (`@hocuspocus/server`) in one run.
 //! Servers are pinned to core 0, this generator to core 1 (`taskset`).
 //!
 //! Run with `benches/run` (it installs the peers and raises the fd limit);
@@ -30,6 +31,43 @@ use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, Map, Out, ReadTxn, Transact, Update};
+
+/// A server measured by the fan-out and idle scenarios.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Concord,
+    Reference,
+    Hocuspocus,
+    Relay,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Concord => "concord",
+            Target::Reference => "y-websocket reference",
+            Target::Hocuspocus => "hocuspocus",
+            Target::Relay => "no-op relay (floor)",
+        }
+    }
+
+    fn wire(self) -> Wire {
+        match self {
+            Target::Hocuspocus => Wire::Hocuspocus,
+            _ => Wire::YWebsocket,
+        }
+    }
+}
+
+/// How a socket frames y-protocols messages.
+#[derive(Clone, Copy, PartialEq)]
+enum Wire {
+    /// One document per socket, named by the path; messages as y-websocket sends them.
+    YWebsocket,
+    /// Hocuspocus multiplexes documents over a socket: each message starts with
+    /// the document's name, and a document opens with an auth message.
+    Hocuspocus,
+}
 
 struct Config {
     rooms: usize,
@@ -120,7 +158,7 @@ async fn run(c: Config) {
     if wanted("local") {
         report.push_str(&format!(
             " Idle: {} clients, synced then idle. Concord runs on embedded SQLite (every update persisted); \
-             the reference server keeps documents in memory only; the no-op relay only forwards frames.",
+             the reference server and Hocuspocus (no extensions) keep documents in memory only; the no-op relay only forwards frames.",
             c.idle
         ));
     }
@@ -132,24 +170,29 @@ async fn run(c: Config) {
 
     let dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
-    let targets: &[&str] = if wanted("local") {
-        &["concord", "y-websocket reference", "no-op relay (floor)"]
+    let targets: &[Target] = if wanted("local") {
+        &[
+            Target::Concord,
+            Target::Reference,
+            Target::Hocuspocus,
+            Target::Relay,
+        ]
     } else {
         &[]
     };
     for &target in targets {
         let (mut server, url) = start(target, &dir, "fanout");
-        let fan = fanout(&url, &url, &c).await;
+        let fan = fanout(&url, &url, target.wire(), &c).await;
         stop(&mut server);
-        let memory = if target.starts_with("no-op") {
+        let memory = if target == Target::Relay {
             None
         } else {
             let (mut server, url) = start(target, &dir, "idle");
-            let memory = idle(&url, server.id(), c.idle).await;
+            let memory = idle(&url, server.id(), c.idle, target.wire()).await;
             stop(&mut server);
             Some(memory)
         };
-        rows.push((target, fan, memory));
+        rows.push((target.label(), fan, memory));
     }
     for (target, fan, memory) in &rows {
         let (base, per) = match memory {
@@ -211,12 +254,12 @@ async fn cross_round(c: &Config) -> (FanoutResult, FanoutResult) {
     };
     common::checkpoint().await;
     let (mut single, single_url) = replica("solo");
-    let solo = fanout(&single_url, &single_url, c).await;
+    let solo = fanout(&single_url, &single_url, Wire::YWebsocket, c).await;
     stop(&mut single);
     common::checkpoint().await;
     let (mut r1, url1) = replica("b1");
     let (mut r2, url2) = replica("b2");
-    let cross = fanout(&url1, &url2, c).await;
+    let cross = fanout(&url1, &url2, Wire::YWebsocket, c).await;
     if std::env::var("BENCH_DEBUG").is_ok() {
         for url in [&url1, &url2] {
             let http = url.replace("ws://", "http://").replace("/ws", "/metrics");
@@ -235,16 +278,16 @@ async fn cross_round(c: &Config) -> (FanoutResult, FanoutResult) {
     (solo, cross)
 }
 
-fn start(target: &str, dir: &tempfile::TempDir, tag: &str) -> (Child, String) {
-    match target {
-        "concord" => {
+fn start(target: Target, dir: &tempfile::TempDir, tag: &str) -> (Child, String) {
+    let script = match target {
+        Target::Concord => {
             let db = format!(
                 "sqlite://{}",
                 dir.path().join(format!("{tag}.db")).display()
             );
-            start_concord(&db, &[])
+            return start_concord(&db, &[]);
         }
-        "no-op relay (floor)" => {
+        Target::Relay => {
             let port = free_port();
             let child = Command::new("taskset")
                 .args(["-c", "0"])
@@ -253,25 +296,22 @@ fn start(target: &str, dir: &tempfile::TempDir, tag: &str) -> (Child, String) {
                 .spawn()
                 .expect("relay");
             wait_port(port);
-            (child, format!("ws://127.0.0.1:{port}"))
+            return (child, format!("ws://127.0.0.1:{port}"));
         }
-        _ => {
-            let port = free_port();
-            let script = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/benches/peers/node_modules/@y/websocket-server/src/server.js"
-            );
-            let child = Command::new("taskset")
-                .args(["-c", "0", "node", script])
-                .env("HOST", "127.0.0.1")
-                .env("PORT", port.to_string())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("node");
-            wait_port(port);
-            (child, format!("ws://127.0.0.1:{port}"))
-        }
-    }
+        Target::Reference => "node_modules/@y/websocket-server/src/server.js",
+        Target::Hocuspocus => "hocuspocus.mjs",
+    };
+    let port = free_port();
+    let child = Command::new("taskset")
+        .args(["-c", "0", "node", script])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers"))
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("node");
+    wait_port(port);
+    (child, format!("ws://127.0.0.1:{port}"))
 }
 
 fn start_concord(db: &str, extra: &[&str]) -> (Child, String) {
@@ -320,32 +360,85 @@ fn wait_port(port: u16) {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Connects and completes the sync handshake.
-async fn connect(url: &str) -> (Socket, Doc) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+/// A client socket of one document.
+struct Peer {
+    ws: Socket,
+    doc: Doc,
+    framing: Framing,
+}
+
+/// Frames messages for one document on one socket.
+struct Framing {
+    /// The document's name as Hocuspocus prefixes it; empty for y-websocket.
+    prefix: Vec<u8>,
+}
+
+impl Framing {
+    fn encode(&self, msg: Message) -> Ws {
+        let mut frame = self.prefix.clone();
+        frame.extend(msg.encode_v1());
+        Ws::Binary(frame.into())
+    }
+
+    /// The y-protocols message a frame carries; `None` for what the bench
+    /// ignores (Hocuspocus's auth answers and sync acknowledgements).
+    fn decode(&self, data: &[u8]) -> Option<Message> {
+        if self.prefix.is_empty() {
+            return Message::decode_v1(data).ok();
+        }
+        let body = data.strip_prefix(self.prefix.as_slice())?;
+        match body.first()? {
+            0 | 1 | 3 => Message::decode_v1(body).ok(),
+            // A sync reply: a sync message that asks for no step 2 back.
+            4 => Message::decode_v1(&[&[0], &body[1..]].concat()).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Connects to `doc` and completes the sync handshake.
+async fn connect(base: &str, name: &str, wire: Wire) -> Peer {
+    use yrs::encoding::write::Write;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{base}/{name}"))
         .await
         .expect("connect");
+    let framing = Framing {
+        prefix: match wire {
+            Wire::YWebsocket => Vec::new(),
+            Wire::Hocuspocus => {
+                let mut prefix = Vec::new();
+                prefix.write_string(name);
+                prefix
+            }
+        },
+    };
+    if wire == Wire::Hocuspocus {
+        // Auth (2), token subtype (0), an empty token: the server has no onAuthenticate hook.
+        let mut auth = framing.prefix.clone();
+        auth.write_var(2u32);
+        auth.write_var(0u32);
+        auth.write_string("");
+        ws.send(Ws::Binary(auth.into())).await.unwrap();
+    }
     let doc = Doc::new();
     let sv = doc.transact().state_vector();
-    ws.send(Ws::Binary(
-        Message::Sync(SyncMessage::SyncStep1(sv)).encode_v1().into(),
-    ))
-    .await
-    .unwrap();
+    ws.send(framing.encode(Message::Sync(SyncMessage::SyncStep1(sv))))
+        .await
+        .unwrap();
     loop {
         let Some(Ok(Ws::Binary(data))) = ws.next().await else {
             panic!("closed during handshake")
         };
-        match Message::decode_v1(&data) {
-            Ok(Message::Sync(SyncMessage::SyncStep2(u))) => {
+        match framing.decode(&data) {
+            Some(Message::Sync(SyncMessage::SyncStep2(u))) => {
                 doc.transact_mut()
                     .apply_update(Update::decode_v1(&u).unwrap())
                     .unwrap();
-                return (ws, doc);
+                return Peer { ws, doc, framing };
             }
-            Ok(Message::Sync(SyncMessage::SyncStep1(_))) => {
+            Some(Message::Sync(SyncMessage::SyncStep1(_))) => {
                 let reply = Message::Sync(SyncMessage::SyncStep2(Update::EMPTY_V1.to_vec()));
-                ws.send(Ws::Binary(reply.encode_v1().into())).await.unwrap();
+                ws.send(framing.encode(reply)).await.unwrap();
             }
             _ => {}
         }
@@ -359,7 +452,7 @@ struct FanoutResult {
     cpu: f64,
 }
 
-async fn fanout(writer_url: &str, reader_url: &str, c: &Config) -> FanoutResult {
+async fn fanout(writer_url: &str, reader_url: &str, wire: Wire, c: &Config) -> FanoutResult {
     let base = Instant::now();
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -368,7 +461,11 @@ async fn fanout(writer_url: &str, reader_url: &str, c: &Config) -> FanoutResult 
     for room in 0..c.rooms {
         let name = format!("bench-{}-{room}", std::process::id());
         for _ in 1..c.clients {
-            let (mut ws, doc) = connect(&format!("{reader_url}/{name}")).await;
+            let Peer {
+                mut ws,
+                doc,
+                framing,
+            } = connect(reader_url, &name, wire).await;
             let (latencies, measuring, stop) = (latencies.clone(), measuring.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let map = doc.get_or_insert_map("m");
@@ -385,7 +482,7 @@ async fn fanout(writer_url: &str, reader_url: &str, c: &Config) -> FanoutResult 
                         Some(Ok(_)) => continue,
                         _ => break,
                     };
-                    if let Ok(Message::Sync(SyncMessage::Update(u))) = Message::decode_v1(&data) {
+                    if let Some(Message::Sync(SyncMessage::Update(u))) = framing.decode(&data) {
                         doc.transact_mut()
                             .apply_update(Update::decode_v1(&u).unwrap())
                             .unwrap();
@@ -401,7 +498,11 @@ async fn fanout(writer_url: &str, reader_url: &str, c: &Config) -> FanoutResult 
                 latencies.lock().await.extend(local);
             }));
         }
-        let (mut ws, doc) = connect(&format!("{writer_url}/{name}")).await;
+        let Peer {
+            mut ws,
+            doc,
+            framing,
+        } = connect(writer_url, &name, wire).await;
         let (stop, rate) = (stop.clone(), c.rate);
         tasks.push(tokio::spawn(async move {
             let map = doc.get_or_insert_map("m");
@@ -420,8 +521,8 @@ async fn fanout(writer_url: &str, reader_url: &str, c: &Config) -> FanoutResult 
                     base.elapsed().as_secs_f64() * 1000.0,
                 );
                 let update = doc.transact().encode_diff_v1(&before);
-                let frame = Message::Sync(SyncMessage::Update(update)).encode_v1();
-                if ws.send(Ws::Binary(frame.into())).await.is_err() {
+                let frame = framing.encode(Message::Sync(SyncMessage::Update(update)));
+                if ws.send(frame).await.is_err() {
                     break;
                 }
             }
@@ -475,12 +576,13 @@ fn rss_kib(pid: u32) -> f64 {
         .unwrap()
 }
 
-async fn idle(url: &str, pid: u32, n: usize) -> (f64, f64) {
+async fn idle(url: &str, pid: u32, n: usize, wire: Wire) -> (f64, f64) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = rss_kib(pid);
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
-        sockets.push(connect(&format!("{url}/idle-{}-{}", std::process::id(), i / 10)).await);
+        let name = format!("idle-{}-{}", std::process::id(), i / 10);
+        sockets.push(connect(url, &name, wire).await);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rss_kib(pid);
