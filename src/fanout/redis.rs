@@ -188,13 +188,10 @@ impl RedisFanout {
         })
     }
 
-    async fn stream_tip(&self, doc: &str) -> redis::RedisResult<String> {
+    async fn stream_tip(&self, key: &str) -> redis::RedisResult<String> {
         let mut conn = self.client.get_multiplexed_async_connection().await?;
-        let reply: StreamRangeReply = conn.xrevrange_count(stream_key(doc), "+", "-", 1).await?;
-        Ok(reply
-            .ids
-            .first()
-            .map(|e| e.id.clone())
+        Ok(newest_id(&mut conn, key)
+            .await?
             .unwrap_or_else(|| "0-0".into()))
     }
 }
@@ -221,9 +218,10 @@ impl Drop for Unsubscribe {
 impl Fanout for RedisFanout {
     async fn subscribe(&self, doc: &Arc<str>) -> Result<Subscription, FanoutError> {
         let (tx, rx) = mpsc::channel(ROOM_QUEUE);
+        let key = stream_key(doc);
         // Note the tip before the room loads: every entry up to it was stored
         // before it was published, so the load covers it.
-        let tip = match self.stream_tip(doc).await {
+        let tip = match self.stream_tip(&key).await {
             Ok(tip) => tip,
             Err(error) => {
                 // Redis is away: start from the beginning of whatever the stream
@@ -244,7 +242,7 @@ impl Fanout for RedisFanout {
             .expect("docs lock")
             .entry(doc.clone())
             .or_insert_with(|| DocSubscription {
-                key: stream_key(doc),
+                key,
                 last_id: tip,
                 rooms: Vec::new(),
             })
@@ -547,16 +545,15 @@ async fn trimmed_past(
 /// After an outage: a stream that is gone or was recreated behind our last
 /// id is read from its start, and every room catches up from the store.
 async fn recover(conn: &mut MultiplexedConnection, shard: &Shard) -> redis::RedisResult<()> {
-    let docs: Vec<(Arc<str>, String)> = shard
+    let docs: Vec<(Arc<str>, String, String)> = shard
         .docs
         .lock()
         .expect("docs lock")
         .iter()
-        .map(|(doc, sub)| (doc.clone(), sub.last_id.clone()))
+        .map(|(doc, sub)| (doc.clone(), sub.key.clone(), sub.last_id.clone()))
         .collect();
-    for (doc, last_id) in docs {
-        let tip: StreamRangeReply = conn.xrevrange_count(stream_key(&doc), "+", "-", 1).await?;
-        let tip = tip.ids.first().map(|e| e.id.clone());
+    for (doc, key, last_id) in docs {
+        let tip = newest_id(conn, &key).await?;
         let behind = tip.as_deref().is_none_or(|tip| id_less(tip, &last_id));
         let mut subs = shard.docs.lock().expect("docs lock");
         if let Some(sub) = subs.get_mut(&doc) {
@@ -567,6 +564,15 @@ async fn recover(conn: &mut MultiplexedConnection, shard: &Shard) -> redis::Redi
         }
     }
     Ok(())
+}
+
+/// The id of a stream's newest entry; `None` when it holds none.
+async fn newest_id(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+) -> redis::RedisResult<Option<String>> {
+    let reply: StreamRangeReply = conn.xrevrange_count(key, "+", "-", 1).await?;
+    Ok(reply.ids.into_iter().next().map(|e| e.id))
 }
 
 /// Stream ids are `ms-seq`; compare numerically.
