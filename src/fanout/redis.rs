@@ -618,4 +618,31 @@ mod tests {
         assert!(id_less("2-1", "2-10"));
         assert!(!id_less("3-0", "2-99"));
     }
+
+    #[test]
+    fn a_room_with_a_full_queue_is_owed_a_resync_and_gets_it_once_it_has_space() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut sub = DocSubscription {
+            key: stream_key("d"),
+            last_id: "0-0".into(),
+            rooms: vec![RoomQueue {
+                id: 0,
+                tx,
+                owes_resync: false,
+            }],
+        };
+        let update = |n: u8| Remote::Update(Bytes::from(vec![n]));
+        for n in 1..=4 {
+            sub.deliver(&update(n));
+        }
+        sub.settle(); // still full: the resync waits
+        assert!(matches!(rx.try_recv(), Ok(Remote::Update(b)) if b[..] == [1]));
+        sub.deliver(&update(5)); // skipped: the resync will cover it
+        sub.settle();
+        assert!(matches!(rx.try_recv(), Ok(Remote::Update(b)) if b[..] == [2]));
+        assert!(matches!(rx.try_recv(), Ok(Remote::Resync)));
+        sub.deliver(&update(6));
+        assert!(matches!(rx.try_recv(), Ok(Remote::Update(b)) if b[..] == [6]));
+        assert!(rx.try_recv().is_err());
+    }
 }
