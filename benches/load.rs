@@ -50,23 +50,6 @@ impl Target {
             Target::Relay => "no-op relay (floor)",
         }
     }
-
-    fn wire(self) -> Wire {
-        match self {
-            Target::Hocuspocus => Wire::Hocuspocus,
-            _ => Wire::YWebsocket,
-        }
-    }
-}
-
-/// How a socket frames y-protocols messages.
-#[derive(Clone, Copy, PartialEq)]
-enum Wire {
-    /// One document per socket, named by the path; messages as y-websocket sends them.
-    YWebsocket,
-    /// Hocuspocus multiplexes documents over a socket: each message starts with
-    /// the document's name, and a document opens with an auth message.
-    Hocuspocus,
 }
 
 struct Config {
@@ -161,11 +144,10 @@ async fn run(c: Config) {
              the reference server and Hocuspocus (no extensions) keep documents in memory only; the no-op relay only forwards frames.",
             c.idle
         ));
-    }
-    report.push_str("\n\n");
-    if wanted("local") {
-        report.push_str("| server | fan-out p50 | fan-out p99 | deliveries | generator CPU | RSS idle baseline | RSS per idle connection |\n");
+        report.push_str("\n\n| server | fan-out p50 | fan-out p99 | deliveries | generator CPU | RSS idle baseline | RSS per idle connection |\n");
         report.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    } else {
+        report.push_str("\n\n");
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -182,13 +164,13 @@ async fn run(c: Config) {
     };
     for &target in targets {
         let (mut server, url) = start(target, &dir, "fanout");
-        let fan = fanout(&url, &url, target.wire(), &c).await;
+        let fan = fanout(&url, &url, target, &c).await;
         stop(&mut server);
         let memory = if target == Target::Relay {
             None
         } else {
             let (mut server, url) = start(target, &dir, "idle");
-            let memory = idle(&url, server.id(), c.idle, target.wire()).await;
+            let memory = idle(&url, server.id(), c.idle, target).await;
             stop(&mut server);
             Some(memory)
         };
@@ -254,12 +236,12 @@ async fn cross_round(c: &Config) -> (FanoutResult, FanoutResult) {
     };
     common::checkpoint().await;
     let (mut single, single_url) = replica("solo");
-    let solo = fanout(&single_url, &single_url, Wire::YWebsocket, c).await;
+    let solo = fanout(&single_url, &single_url, Target::Concord, c).await;
     stop(&mut single);
     common::checkpoint().await;
     let (mut r1, url1) = replica("b1");
     let (mut r2, url2) = replica("b2");
-    let cross = fanout(&url1, &url2, Wire::YWebsocket, c).await;
+    let cross = fanout(&url1, &url2, Target::Concord, c).await;
     if std::env::var("BENCH_DEBUG").is_ok() {
         for url in [&url1, &url2] {
             let http = url.replace("ws://", "http://").replace("/ws", "/metrics");
@@ -367,13 +349,40 @@ struct Peer {
     framing: Framing,
 }
 
-/// Frames messages for one document on one socket.
+/// Frames messages for one document on one socket. y-websocket sends them
+/// bare, one document per socket named by the path; Hocuspocus multiplexes
+/// documents over a socket, so each message starts with the document's name,
+/// and a document opens with an auth message.
 struct Framing {
     /// The document's name as Hocuspocus prefixes it; empty for y-websocket.
     prefix: Vec<u8>,
 }
 
 impl Framing {
+    fn new(target: Target, doc: &str) -> Self {
+        use yrs::encoding::write::Write;
+        let mut prefix = Vec::new();
+        if target == Target::Hocuspocus {
+            prefix.write_string(doc);
+        }
+        Self { prefix }
+    }
+
+    /// What opens the document before its sync, if anything: Hocuspocus's
+    /// auth (2), token subtype (0), an empty token (the server has no
+    /// onAuthenticate hook).
+    fn opening(&self) -> Option<Ws> {
+        use yrs::encoding::write::Write;
+        if self.prefix.is_empty() {
+            return None;
+        }
+        let mut auth = self.prefix.clone();
+        auth.write_var(2u32);
+        auth.write_var(0u32);
+        auth.write_string("");
+        Some(Ws::Binary(auth.into()))
+    }
+
     fn encode(&self, msg: Message) -> Ws {
         let mut frame = self.prefix.clone();
         frame.extend(msg.encode_v1());
@@ -397,28 +406,13 @@ impl Framing {
 }
 
 /// Connects to `doc` and completes the sync handshake.
-async fn connect(base: &str, name: &str, wire: Wire) -> Peer {
-    use yrs::encoding::write::Write;
+async fn connect(base: &str, name: &str, target: Target) -> Peer {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{base}/{name}"))
         .await
         .expect("connect");
-    let framing = Framing {
-        prefix: match wire {
-            Wire::YWebsocket => Vec::new(),
-            Wire::Hocuspocus => {
-                let mut prefix = Vec::new();
-                prefix.write_string(name);
-                prefix
-            }
-        },
-    };
-    if wire == Wire::Hocuspocus {
-        // Auth (2), token subtype (0), an empty token: the server has no onAuthenticate hook.
-        let mut auth = framing.prefix.clone();
-        auth.write_var(2u32);
-        auth.write_var(0u32);
-        auth.write_string("");
-        ws.send(Ws::Binary(auth.into())).await.unwrap();
+    let framing = Framing::new(target, name);
+    if let Some(opening) = framing.opening() {
+        ws.send(opening).await.unwrap();
     }
     let doc = Doc::new();
     let sv = doc.transact().state_vector();
@@ -452,7 +446,7 @@ struct FanoutResult {
     cpu: f64,
 }
 
-async fn fanout(writer_url: &str, reader_url: &str, wire: Wire, c: &Config) -> FanoutResult {
+async fn fanout(writer_url: &str, reader_url: &str, target: Target, c: &Config) -> FanoutResult {
     let base = Instant::now();
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -465,7 +459,7 @@ async fn fanout(writer_url: &str, reader_url: &str, wire: Wire, c: &Config) -> F
                 mut ws,
                 doc,
                 framing,
-            } = connect(reader_url, &name, wire).await;
+            } = connect(reader_url, &name, target).await;
             let (latencies, measuring, stop) = (latencies.clone(), measuring.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let map = doc.get_or_insert_map("m");
@@ -502,7 +496,7 @@ async fn fanout(writer_url: &str, reader_url: &str, wire: Wire, c: &Config) -> F
             mut ws,
             doc,
             framing,
-        } = connect(writer_url, &name, wire).await;
+        } = connect(writer_url, &name, target).await;
         let (stop, rate) = (stop.clone(), c.rate);
         tasks.push(tokio::spawn(async move {
             let map = doc.get_or_insert_map("m");
@@ -576,13 +570,13 @@ fn rss_kib(pid: u32) -> f64 {
         .unwrap()
 }
 
-async fn idle(url: &str, pid: u32, n: usize, wire: Wire) -> (f64, f64) {
+async fn idle(url: &str, pid: u32, n: usize, target: Target) -> (f64, f64) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = rss_kib(pid);
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
         let name = format!("idle-{}-{}", std::process::id(), i / 10);
-        sockets.push(connect(url, &name, wire).await);
+        sockets.push(connect(url, &name, target).await);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rss_kib(pid);
