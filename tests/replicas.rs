@@ -10,8 +10,17 @@ use rand::{Rng, SeedableRng};
 use yrs::Doc;
 
 async fn pair(redis_url: &str) -> (Server, Server) {
+    pair_with(redis_url, &[]).await
+}
+
+/// Two replicas, `r1` and `r2`, on a fresh database, both started with `args`.
+async fn pair_with(redis_url: &str, args: &[&str]) -> (Server, Server) {
     let db = fresh_postgres().await;
-    let start = |id: &str| Server::replica(&db, redis_url, id).start();
+    let start = |id: &str| {
+        Server::replica(&db, redis_url, id)
+            .args(args.iter().copied())
+            .start()
+    };
     (start("r1"), start("r2"))
 }
 
@@ -169,14 +178,8 @@ async fn redis_outage_converges_without_reconnecting() {
 /// client converges without reconnecting. Streams stay bounded and expire.
 #[tokio::test]
 async fn a_replica_behind_a_trimmed_stream_resyncs_from_the_database() {
-    let db = fresh_postgres().await;
     let redis_url = shared_redis_url();
-    let start = |id: &str| {
-        Server::replica(&db, &redis_url, id)
-            .args(["--stream-max-len", "100"])
-            .start()
-    };
-    let (r1, r2) = (start("r1"), start("r2"));
+    let (r1, r2) = pair_with(&redis_url, &["--stream-max-len", "100"]).await;
     let doc = unique("replicas/trimmed");
     let mut a = Client::connect(&r1.ws_url(&doc)).await;
     let mut b = Client::connect(&r2.ws_url(&doc)).await;
