@@ -1,7 +1,8 @@
 //! Command line and environment: every knob the binary reads, in one typed tree.
 //!
-//! Flag and env names marked as contract in SPEC.md are kept exactly; the limit
-//! flags are ours, but their defaults are the contract.
+//! The flag and env names the README's configuration table lists are relied
+//! on from outside (deployments, scripts): keep them exactly. The limit flags'
+//! names are ours, but their defaults are part of that promise.
 
 use std::net::SocketAddr;
 use std::time::Duration;

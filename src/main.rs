@@ -12,9 +12,16 @@ static ALLOCATOR: concord::alloc::CappedAllocator = concord::alloc::CappedAlloca
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut json = false;
     let result = match cli.command {
-        None => serve(cli.serve).await,
-        Some(Command::Serve(args)) => serve(*args).await,
+        None => {
+            json = cli.serve.log_format == LogFormat::Json;
+            serve(cli.serve).await
+        }
+        Some(Command::Serve(args)) => {
+            json = args.log_format == LogFormat::Json;
+            serve(*args).await
+        }
         Some(Command::Migrate(args)) => return migrate(args).await,
         Some(Command::Token(args)) => {
             concord::auth::mint(&args.jwt_secret, args.sub, &args.docs, args.ttl)
@@ -23,6 +30,11 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // In JSON mode every line the process writes is JSON, errors included.
+        Err(error) if json => {
+            tracing::error!(error = format!("{error:#}"), "concord stopped");
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -46,7 +58,20 @@ fn init_tracing(format: LogFormat) {
         .log_internal_errors(false);
     match format {
         LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            // A panic's default report is plain text on stderr.
+            std::panic::set_hook(Box::new(|info| {
+                let location = info.location().map(ToString::to_string);
+                let payload = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = payload, location, "panicked");
+            }));
+        }
     }
 }
 

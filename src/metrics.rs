@@ -1,5 +1,8 @@
 //! Prometheus metrics: names in one place, and the recorder installed once per process.
 //! Labels stay low-cardinality (never a document name); the replica id is a global label.
+//!
+//! Every series is registered when the recorder is installed, at zero, so a
+//! dashboard or an alert on a fresh server reads a value rather than "no data".
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -19,6 +22,30 @@ pub const STORE_LOADS: &str = "concord_store_loads_total";
 pub const COMPACTIONS: &str = "concord_compactions_total";
 pub const FANOUT_ERRORS: &str = "concord_fanout_errors_total";
 pub const FANOUT_LAG_SECONDS: &str = "concord_fanout_lag_seconds";
+
+/// The `type` label of the message counters: every kind a protocol names.
+pub const MESSAGE_TYPES: &[&str] = &[
+    "sync_step1",
+    "sync_step2",
+    "update",
+    "awareness",
+    "query_awareness",
+    "auth",
+    "stateless",
+    "sync_status",
+    "close",
+    "other",
+];
+
+/// The `reason` label of [`CONNECTIONS_REJECTED`].
+pub const REJECT_REASONS: &[&str] = &[
+    "draining",
+    "bad_name",
+    "origin",
+    "per_ip_limit",
+    "unauthorized",
+    "forbidden",
+];
 
 /// Installs the global recorder; the handle renders `/metrics`.
 pub fn install(replica: &str) -> anyhow::Result<PrometheusHandle> {
@@ -42,5 +69,32 @@ pub fn install(replica: &str) -> anyhow::Result<PrometheusHandle> {
             ],
         )?
         .install_recorder()?;
+    register_all();
     Ok(handle)
+}
+
+fn register_all() {
+    for gauge in [CONNECTIONS, DOCUMENTS_LOADED, PERSIST_PENDING_BYTES] {
+        metrics::gauge!(gauge).set(0.0);
+    }
+    for counter in [
+        PERSIST_ERRORS,
+        UPDATES_PERSISTED,
+        STORE_LOADS,
+        COMPACTIONS,
+        FANOUT_ERRORS,
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for kind in MESSAGE_TYPES {
+        metrics::counter!(MESSAGES_RECEIVED, "type" => *kind).absolute(0);
+        metrics::counter!(MESSAGES_SENT, "type" => *kind).absolute(0);
+    }
+    for reason in REJECT_REASONS {
+        metrics::counter!(CONNECTIONS_REJECTED, "reason" => *reason).absolute(0);
+    }
+    // Histograms are rendered once they exist, with every bucket at zero.
+    for histogram in [PERSIST_SECONDS, FANOUT_LAG_SECONDS, CONNECTION_SECONDS] {
+        let _ = metrics::histogram!(histogram);
+    }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::config::ServeArgs;
+use crate::config::{LogFormat, ServeArgs};
 use crate::fanout::local::LocalFanout;
 use crate::fanout::Fanout;
 use crate::health::Health;
@@ -120,9 +120,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
     tracing::info!(%addr, replica = %replica, database, "concord listening");
-    // Tests and scripts that bind port 0 read the address from here. Not
+    // Scripts that bind port 0 read the address from this line. In JSON mode
+    // every line is JSON, so they read the event above instead. Not
     // `println!`: it panics when stdout is a closed pipe.
-    {
+    if args.log_format == LogFormat::Pretty {
         use std::io::Write;
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "concord listening on {addr}").and_then(|()| stdout.flush());

@@ -140,6 +140,36 @@ async fn a_posted_update_reaches_clients_on_both_replicas_and_survives_restart()
     assert_eq!(text_of(&stored, "t"), "from the API");
 }
 
+/// The series the SPEC names, each present on a server that has done nothing.
+#[tokio::test]
+async fn a_fresh_server_exposes_every_named_series_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let body = reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "concord_connections{",
+        "concord_documents_loaded{",
+        "concord_messages_received_total{",
+        "concord_messages_sent_total{",
+        "concord_connections_rejected_total{",
+        "concord_persist_seconds_bucket{",
+        "concord_persist_seconds_count{",
+        "concord_fanout_errors_total{",
+        "concord_persist_errors_total{",
+    ] {
+        let line = body
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("{series} missing from a fresh server's metrics:\n{body}"));
+        assert!(line.ends_with(" 0"), "{series} is not zero: {line}");
+    }
+}
+
 #[tokio::test]
 async fn metrics_move_with_a_session() {
     let dir = tempfile::tempdir().unwrap();

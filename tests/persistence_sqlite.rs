@@ -182,3 +182,72 @@ async fn group_commit_splits_large_batches_without_dropping_any() {
     let stored = store.load(&doc).await.unwrap();
     assert_eq!(stored.updates.len(), 5);
 }
+
+/// With `--log-format json` a log shipper parses every line of both streams:
+/// start, a connection opened and closed, a shutdown.
+#[tokio::test]
+async fn json_logs_are_json_on_stdout_and_stderr() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--database-url")
+        .arg(sqlite_url(&dir))
+        .env_remove("CONCORD_JWT_SECRET")
+        .env_remove("REDIS_URL")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<(&str, String)>();
+    for (name, stream) in [
+        (
+            "stdout",
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        ("stderr", Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send((name, line));
+            }
+        });
+    }
+    drop(tx);
+    let mut lines = Vec::new();
+    let addr = loop {
+        let (stream, line) = rx.recv_timeout(WAIT).expect("a listening event");
+        let event: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{stream} line is not JSON ({e}): {line}"));
+        lines.push((stream, line));
+        if event["message"] == "concord listening" {
+            break event["addr"].as_str().expect("addr field").to_string();
+        }
+    };
+    let url = format!("ws://{addr}/ws/{}", unique("json-logs"));
+    let mut client = Client::connect(&url).await;
+    client.insert("t", 0, "x").await;
+    client.close().await;
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(10)).expect("exit within 10 s");
+    assert!(status.success());
+    lines.extend(rx.iter());
+    for (stream, line) in &lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "{stream} line is not JSON: {line}"
+        );
+    }
+    let all = lines
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for event in ["connection opened", "connection closed", "shut down"] {
+        assert!(all.contains(event), "no {event:?} event in:\n{all}");
+    }
+}

@@ -495,7 +495,6 @@ fn send(peer: &Peer, frame: Bytes) -> bool {
     }
 }
 
-/// A Yjs v1 update with no structs and no deletions: two zero varints.
 /// Whether a connection's awareness update stays within the limits, judged
 /// before any of it is applied.
 fn check_awareness(
@@ -520,6 +519,7 @@ fn check_awareness(
     Ok(())
 }
 
+/// A Yjs v1 update with no structs and no deletions: two zero varints.
 fn is_empty_update(update: &[u8]) -> bool {
     update == [0, 0]
 }
