@@ -659,7 +659,10 @@ impl ItemPtr {
             let client = item.id.client;
             let clock = item.id.clock;
             let len = item.len;
-            let content = item.content.splice(offset as usize, encoding).unwrap();
+            let content = item
+                .content
+                .splice_within(offset as usize, encoding, len as usize)
+                .unwrap();
             item.len = offset;
             let mut new = Box::new(Item {
                 id: ID::new(client, clock + offset),
@@ -1620,6 +1623,11 @@ impl SplittableString {
         self.encode_utf16().count()
     }
 
+    /// concord patch: keeps the first `len` bytes (a char boundary).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.content.truncate(len)
+    }
+
     #[inline(always)]
     pub fn as_str(&self) -> &str {
         self.content.as_str()
@@ -1721,6 +1729,44 @@ impl Deref for SplittableString {
 /// pair. In that case - just like Yjs does - the pair is split and each half is replaced with
 /// a unicode replacement character (U+FFFD), so that the UTF-16 length of both returned parts
 /// stays exactly the same as requested.
+/// concord patch: the byte position of UTF-16 offset `offset` in `s`, whose
+/// length is `len16` UTF-16 code units, walked from whichever end is nearer;
+/// `None` when the offset falls inside a surrogate pair or past the string
+/// (the callers then take yrs's own path).
+pub(crate) fn utf16_to_byte(s: &str, offset: usize, len16: usize) -> Option<usize> {
+    if offset > len16 {
+        return None;
+    }
+    if offset <= len16 / 2 {
+        let (mut units, mut bytes) = (0, 0);
+        for c in s.chars() {
+            if units >= offset {
+                break;
+            }
+            let n = c.len_utf16();
+            if units + n > offset {
+                return None;
+            }
+            units += n;
+            bytes += c.len_utf8();
+        }
+        (units == offset).then_some(bytes)
+    } else {
+        let (mut back, mut bytes) = (len16 - offset, s.len());
+        let mut chars = s.chars().rev();
+        while back > 0 {
+            let c = chars.next()?;
+            let n = c.len_utf16();
+            if n > back {
+                return None;
+            }
+            back -= n;
+            bytes -= c.len_utf8();
+        }
+        Some(bytes)
+    }
+}
+
 pub(crate) fn split_str(
     str: &str,
     offset: usize,
@@ -1983,6 +2029,30 @@ impl ItemContent {
         }
     }
 
+    /// concord patch: [`Self::encode_slice`] for content `len16` UTF-16 code
+    /// units long. A string's slice is found walking from its nearer end and
+    /// written without a copy: from the start, encoding what an update added
+    /// to the end of a long text cost the whole text, on every update.
+    pub(crate) fn encode_slice_within<E: Encoder>(
+        &self,
+        encoder: &mut E,
+        start: u32,
+        end: u32,
+        len16: u32,
+    ) {
+        if let ItemContent::String(s) = self {
+            let str = s.as_str();
+            let from = utf16_to_byte(str, start as usize, len16 as usize);
+            let to = utf16_to_byte(str, end as usize + 1, len16 as usize);
+            if let (Some(from), Some(to)) = (from, to) {
+                if from <= to {
+                    return encoder.write_string(&str[from..to]);
+                }
+            }
+        }
+        self.encode_slice(encoder, start, end)
+    }
+
     /// Encodes a slice of a current [ItemContent] within an index bounds of (start..=end) - both
     /// sides inclusive.
     pub fn encode_slice<E: Encoder>(&self, encoder: &mut E, start: u32, end: u32) {
@@ -2103,6 +2173,27 @@ impl ItemContent {
             }
             _ => Err(Error::UnexpectedValue),
         }
+    }
+
+    /// concord patch: [`Self::splice`] for content `len16` UTF-16 code units
+    /// long. A string is cut where the offset is found walking from its
+    /// nearer end, and keeps its left part in place: finding the offset from
+    /// the start and copying both halves made a split near the end of a long
+    /// text cost the whole text.
+    pub(crate) fn splice_within(
+        &mut self,
+        offset: usize,
+        encoding: OffsetKind,
+        len16: usize,
+    ) -> Option<ItemContent> {
+        if let (ItemContent::String(string), OffsetKind::Utf16) = (&mut *self, encoding) {
+            if let Some(at) = utf16_to_byte(string.as_str(), offset, len16) {
+                let right: SplittableString = string.as_str()[at..].into();
+                string.truncate(at);
+                return Some(ItemContent::String(right));
+            }
+        }
+        self.splice(offset, encoding)
     }
 
     pub(crate) fn splice(&mut self, offset: usize, encoding: OffsetKind) -> Option<ItemContent> {

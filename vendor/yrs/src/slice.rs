@@ -234,7 +234,8 @@ impl ItemSlice {
                 encoder.write_string(parent_sub.as_ref());
             }
         }
-        item.content.encode_slice(encoder, self.start, self.end);
+        item.content
+            .encode_slice_within(encoder, self.start, self.end, item.len);
     }
 
     /// Returns a [ItemSlice] wrapper for a [Item] identified as a right neighbor of this slice.

@@ -89,6 +89,18 @@ pub trait ReadTxn: Sized {
         encoder.to_vec()
     }
 
+    /// concord patch: encodes the blocks integrated since `state_vector`, and
+    /// an empty delete set, as a v1 update. [Self::encode_diff_v1] also
+    /// encodes the delete set of the whole document, which is a pass over
+    /// every block it holds: checking that what an update added encodes cost
+    /// the whole document on every update.
+    fn encode_blocks_since_v1(&self, state_vector: &StateVector) -> Vec<u8> {
+        let mut encoder = EncoderV1::new();
+        self.store().write_blocks_from(state_vector, &mut encoder);
+        crate::IdSet::new().encode(&mut encoder);
+        encoder.to_vec()
+    }
+
     /// Encodes the difference between remote peer state given its `state_vector` and the state
     /// of a current local peer, using lib0 v2 encoding.
     ///
