@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use concord::fanout::local::LocalFanout;
-use concord::health::Health;
-use concord::store::committer::{Committer, CompactionPolicy};
+use concord::store::committer::{Committer, CompactionPolicy, Hooks};
 use concord::store::{self, NewUpdate, Store};
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, ReadTxn, Text, Transact};
@@ -87,18 +85,11 @@ fn typing(n: usize) -> Vec<Bytes> {
 }
 
 async fn persisted_per_second(store: Arc<dyn Store>, n: usize) -> f64 {
-    let fanout = Arc::new(LocalFanout);
     let policy = CompactionPolicy {
         max_entries: u64::MAX,
         max_bytes: u64::MAX,
     };
-    let (committer, _task) = Committer::spawn(
-        store,
-        fanout,
-        Arc::new(Health::default()),
-        policy,
-        usize::MAX / 2,
-    );
+    let (committer, _task) = Committer::spawn(store, Hooks::none(), policy, usize::MAX / 2);
     let per_doc = typing(n / DOCS);
     let docs: Vec<Arc<str>> = (0..DOCS)
         .map(|d| format!("persist-{}-{d}", std::process::id()).into())
@@ -111,6 +102,7 @@ async fn persisted_per_second(store: Arc<dyn Store>, n: usize) -> f64 {
                 NewUpdate {
                     doc: doc.clone(),
                     data: update.clone(),
+                    user: None,
                 },
                 None,
             );
@@ -187,6 +179,7 @@ async fn cold_load(
         batch.push(NewUpdate {
             doc: doc.clone(),
             data: Bytes::from(update),
+            user: None,
         });
         if batch.len() == 5000 {
             store.append(&batch).await.unwrap();
@@ -198,7 +191,7 @@ async fn cold_load(
         let started = Instant::now();
         let stored = store.load(&doc).await.unwrap();
         let read = started.elapsed();
-        let fresh = store::build_doc(&stored, false).unwrap();
+        let fresh = concord::doc::build(&stored, false).unwrap();
         drop(fresh);
         let total = started.elapsed();
         ((total, read), stored.snapshot.map_or(0, |s| s.len()))

@@ -1,4 +1,5 @@
-//! Tokens and document access.
+//! Tokens and document access: a token, checked against one document, gives
+//! a [`Grant`] that both protocols admit a peer with.
 //!
 //! A token is a JWT whose `docs` claim maps patterns (an exact name, a
 //! `prefix*`, or `*`) to `read` or `write`; the most permissive match wins.
@@ -7,6 +8,7 @@
 //! "signed" with the public key are refused.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -62,6 +64,48 @@ pub enum AuthError {
     Invalid(String),
     #[error("token grants no access to this document")]
     Forbidden,
+}
+
+/// What a token grants on one document.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub access: Access,
+    /// The token's `sub`.
+    pub user: Option<Arc<str>>,
+    /// When the token expires; the peer loses the document then.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl Grant {
+    /// Everything, to anyone: auth is off.
+    pub fn open() -> Self {
+        Self {
+            access: Access::Write,
+            user: None,
+            expires_at: None,
+        }
+    }
+
+    pub fn can_write(&self) -> bool {
+        self.access == Access::Write
+    }
+}
+
+/// Admits `token` to `doc`. Without a verifier auth is off, and everyone writes.
+pub fn admit(
+    verifier: Option<&Verifier>,
+    token: Option<&str>,
+    doc: &str,
+) -> Result<Grant, AuthError> {
+    let Some(verifier) = verifier else {
+        return Ok(Grant::open());
+    };
+    let (claims, access) = verifier.authorize(token, doc)?;
+    Ok(Grant {
+        access,
+        expires_at: Some(claims.expires_at()),
+        user: claims.sub.map(Arc::from),
+    })
 }
 
 /// Verifies tokens; `None` in the server state means auth is off.

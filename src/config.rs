@@ -138,6 +138,11 @@ pub struct Limits {
     #[arg(long, env = "CONCORD_PONG_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
     pub pong_timeout: Duration,
 
+    /// A Hocuspocus socket on which no document authenticated this long after
+    /// it opened is closed (4408).
+    #[arg(long, env = "CONCORD_AUTH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub auth_timeout: Duration,
+
     /// A document with no clients is flushed and unloaded this long after the last one leaves.
     #[arg(long, env = "CONCORD_UNLOAD_AFTER", value_parser = humantime::parse_duration, default_value = "30s")]
     pub unload_after: Duration,

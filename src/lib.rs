@@ -1,14 +1,14 @@
 //! Concord: a collaborative document editing backend.
 //!
-//! Data flows one way: socket ([`http`]) → [`connection`] → document [`room`]
-//! → local broadcast, [`fanout`] to other replicas, and the [`store`].
+//! Data flows one way: socket ([`http`] upgrade) → [`transport`] → protocol
+//! session ([`protocol`]) → document [`room`] → local broadcast, and the
+//! group commit ([`store`]) → [`fanout`] to other replicas.
 
 pub mod alloc;
 pub mod auth;
 pub mod config;
-pub mod connection;
+pub mod doc;
 pub mod fanout;
-pub mod guard;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -16,3 +16,4 @@ pub mod protocol;
 pub mod room;
 pub mod server;
 pub mod store;
+pub mod transport;

@@ -4,6 +4,9 @@
 //! Every series is registered when the recorder is installed, at zero, so a
 //! dashboard or an alert on a fresh server reads a value rather than "no data".
 
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS: &str = "concord_connections";
@@ -23,19 +26,103 @@ pub const COMPACTIONS: &str = "concord_compactions_total";
 pub const FANOUT_ERRORS: &str = "concord_fanout_errors_total";
 pub const FANOUT_LAG_SECONDS: &str = "concord_fanout_lag_seconds";
 
-/// The `type` label of the message counters: every kind a protocol names.
-pub const MESSAGE_TYPES: &[&str] = &[
-    "sync_step1",
-    "sync_step2",
-    "update",
-    "awareness",
-    "query_awareness",
-    "auth",
-    "stateless",
-    "sync_status",
-    "close",
-    "other",
-];
+/// The `type` label of the message counters: every kind either protocol has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    SyncStep1,
+    SyncStep2,
+    Update,
+    Awareness,
+    QueryAwareness,
+    Auth,
+    Stateless,
+    SyncStatus,
+    Close,
+    Ping,
+    Other,
+}
+
+impl MessageKind {
+    const ALL: [MessageKind; 11] = [
+        MessageKind::SyncStep1,
+        MessageKind::SyncStep2,
+        MessageKind::Update,
+        MessageKind::Awareness,
+        MessageKind::QueryAwareness,
+        MessageKind::Auth,
+        MessageKind::Stateless,
+        MessageKind::SyncStatus,
+        MessageKind::Close,
+        MessageKind::Ping,
+        MessageKind::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MessageKind::SyncStep1 => "sync_step1",
+            MessageKind::SyncStep2 => "sync_step2",
+            MessageKind::Update => "update",
+            MessageKind::Awareness => "awareness",
+            MessageKind::QueryAwareness => "query_awareness",
+            MessageKind::Auth => "auth",
+            MessageKind::Stateless => "stateless",
+            MessageKind::SyncStatus => "sync_status",
+            MessageKind::Close => "close",
+            MessageKind::Ping => "ping",
+            MessageKind::Other => "other",
+        }
+    }
+}
+
+/// Handles of the series touched for every message: looking a series up by
+/// name and labels costs a hash and a lock, once per delivery.
+struct Hot {
+    received: Vec<Counter>,
+    sent: Vec<Counter>,
+    bytes_in: Histogram,
+    connections: Gauge,
+    store_loads: Counter,
+}
+
+static HOT: OnceLock<Hot> = OnceLock::new();
+
+fn hot() -> &'static Hot {
+    HOT.get_or_init(|| Hot {
+        received: MessageKind::ALL
+            .iter()
+            .map(|k| metrics::counter!(MESSAGES_RECEIVED, "type" => k.label()))
+            .collect(),
+        sent: MessageKind::ALL
+            .iter()
+            .map(|k| metrics::counter!(MESSAGES_SENT, "type" => k.label()))
+            .collect(),
+        bytes_in: metrics::histogram!(MESSAGE_BYTES, "direction" => "in"),
+        connections: metrics::gauge!(CONNECTIONS),
+        store_loads: metrics::counter!(STORE_LOADS),
+    })
+}
+
+/// A message received, of `len` bytes.
+pub fn received(kind: MessageKind, len: usize) {
+    let hot = hot();
+    hot.received[kind as usize].increment(1);
+    hot.bytes_in.record(len as f64);
+}
+
+/// A message sent.
+pub fn sent(kind: MessageKind) {
+    hot().sent[kind as usize].increment(1);
+}
+
+/// A socket opened (`1.0`) or closed (`-1.0`).
+pub fn connections(delta: f64) {
+    hot().connections.increment(delta);
+}
+
+/// A document read from the store (a room's load, a resync, an API read).
+pub fn store_loaded() {
+    hot().store_loads.increment(1);
+}
 
 /// The `reason` label of [`CONNECTIONS_REJECTED`].
 pub const REJECT_REASONS: &[&str] = &[
@@ -86,9 +173,9 @@ fn register_all() {
     ] {
         metrics::counter!(counter).absolute(0);
     }
-    for kind in MESSAGE_TYPES {
-        metrics::counter!(MESSAGES_RECEIVED, "type" => *kind).absolute(0);
-        metrics::counter!(MESSAGES_SENT, "type" => *kind).absolute(0);
+    for kind in MessageKind::ALL {
+        metrics::counter!(MESSAGES_RECEIVED, "type" => kind.label()).absolute(0);
+        metrics::counter!(MESSAGES_SENT, "type" => kind.label()).absolute(0);
     }
     for reason in REJECT_REASONS {
         metrics::counter!(CONNECTIONS_REJECTED, "reason" => *reason).absolute(0);

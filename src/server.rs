@@ -14,12 +14,13 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::config::{LogFormat, ServeArgs};
 use crate::fanout::local::LocalFanout;
-use crate::fanout::Fanout;
+use crate::fanout::{Fanout, Published};
 use crate::health::Health;
 use crate::http::{self, AppState, ClientAddrs};
 use crate::room::{RoomContext, Rooms};
-use crate::store::committer::{Committer, CompactionPolicy};
+use crate::store::committer::{Committer, CompactionPolicy, Hooks};
 use crate::store::{self, StoreError};
+use crate::transport;
 
 /// The whole shutdown, from signal to exit.
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(10);
@@ -68,10 +69,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let health = Arc::new(Health::default());
     let limits = Arc::new(args.limits.clone());
+    let hooks = Hooks {
+        durable: {
+            let fanout = fanout.clone();
+            Box::new(move |batch| {
+                for update in batch {
+                    fanout.publish(&update.doc, Published::Update(update.data.clone()));
+                }
+            })
+        },
+        store_status: {
+            let health = health.clone();
+            Box::new(move |error| health.set_store_error(error))
+        },
+    };
     let (committer, commit_task) = Committer::spawn(
         store.clone(),
-        fanout.clone(),
-        health.clone(),
+        hooks,
         CompactionPolicy {
             max_entries: limits.compact_after_updates,
             max_bytes: limits.compact_after_bytes,
@@ -93,6 +107,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
+    let transport = Arc::new(transport::Context {
+        limits: limits.clone(),
+        shutdown: shutdown.clone(),
+        heartbeat: transport::heartbeat(limits.ping_interval, shutdown.clone()),
+    });
     let state = AppState {
         rooms,
         health: health.clone(),
@@ -104,7 +123,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.max_connections_per_ip,
         ),
         metrics,
-        shutdown: shutdown.clone(),
+        transport,
         connections: connections.clone(),
     };
 

@@ -143,8 +143,7 @@ async fn health_and_readiness() {
 /// Updates past one group commit's byte limit go into the next commit; none is dropped.
 #[tokio::test]
 async fn group_commit_splits_large_batches_without_dropping_any() {
-    use concord::fanout::local::LocalFanout;
-    use concord::store::committer::{Committer, CompactionPolicy};
+    use concord::store::committer::{Committer, CompactionPolicy, Hooks};
     use concord::store::{self, NewUpdate};
     use std::sync::Arc;
     use yrs::{Doc, ReadTxn, Text, Transact};
@@ -154,8 +153,7 @@ async fn group_commit_splits_large_batches_without_dropping_any() {
     store.migrate().await.unwrap();
     let (committer, _task) = Committer::spawn(
         store.clone(),
-        Arc::new(LocalFanout),
-        Default::default(),
+        Hooks::none(),
         CompactionPolicy {
             max_entries: u64::MAX,
             max_bytes: u64::MAX,
@@ -174,6 +172,7 @@ async fn group_commit_splits_large_batches_without_dropping_any() {
             NewUpdate {
                 doc: doc.clone(),
                 data,
+                user: None,
             },
             None,
         );

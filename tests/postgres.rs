@@ -135,6 +135,7 @@ async fn interleave(stores: &[Arc<dyn Store>], a: Vec<u64>, b: Vec<u64>, compact
                     .append(&[NewUpdate {
                         doc: doc.clone(),
                         data: Bytes::from(update),
+                        user: None,
                     }])
                     .await
                     .unwrap();
@@ -165,7 +166,7 @@ async fn interleave(stores: &[Arc<dyn Store>], a: Vec<u64>, b: Vec<u64>, compact
     }
     let stored = stores[0].load(&doc).await.unwrap();
     let ydoc = Doc::new();
-    store::apply_stored(&ydoc, &stored).unwrap();
+    concord::doc::apply_stored(&ydoc, &stored).unwrap();
     // Root types first: get_or_insert_* takes a write transaction.
     let (ta, tb) = (ydoc.get_or_insert_text("a"), ydoc.get_or_insert_text("b"));
     let txn = ydoc.transact();
@@ -304,7 +305,7 @@ async fn database_outage_queues_updates_and_loses_nothing() {
             snapshot: None,
             updates: rows.into_iter().map(|(d,)| d).collect(),
         };
-        store::apply_stored(&stored, &log).unwrap();
+        concord::doc::apply_stored(&stored, &log).unwrap();
         if text_of(&stored, "t") == want {
             break;
         }

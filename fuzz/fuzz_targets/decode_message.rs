@@ -5,8 +5,10 @@
 //! (-rss_limit_mb) and loops (-timeout).
 #![no_main]
 
-use concord::protocol::{ywebsocket, Inbound};
-use concord::store::{self, StoredDoc};
+use concord::doc::guard;
+use concord::protocol::ywebsocket;
+use concord::room::Inbound;
+use concord::store::StoredDoc;
 use libfuzzer_sys::fuzz_target;
 use yrs::sync::Awareness;
 use yrs::updates::decoder::Decode;
@@ -24,7 +26,7 @@ static QUIET_CAUGHT_PANICS: std::sync::Once = std::sync::Once::new();
 
 fuzz_target!(|frame: &[u8]| {
     QUIET_CAUGHT_PANICS.call_once(|| std::panic::set_hook(Box::new(|_| {})));
-    let Ok(msg) = ywebsocket::decode(frame) else {
+    let Ok(Some(msg)) = ywebsocket::decode(frame) else {
         return;
     };
     let mut awareness = Awareness::new(document());
@@ -34,14 +36,14 @@ fuzz_target!(|frame: &[u8]| {
             // document that cannot be encoded is reloaded from the store,
             // checked, and must then encode.
             let doc = awareness.doc();
-            let synced = concord::guard::apply(doc, update)
-                .and_then(|()| concord::guard::encode_diff(doc, &StateVector::default()));
+            let synced = guard::apply(doc, update)
+                .and_then(|()| guard::encode_diff(doc, &StateVector::default()));
             if synced.is_err() {
                 let stored = StoredDoc {
                     snapshot: Some(base().to_vec()),
                     updates: vec![raw.to_vec()],
                 };
-                let healed = store::build_doc(&stored, true).expect("stored rows decode");
+                let healed = concord::doc::build(&stored, true).expect("stored rows decode");
                 let _ = healed.transact().encode_diff_v1(&StateVector::default());
             }
         }
@@ -52,7 +54,7 @@ fuzz_target!(|frame: &[u8]| {
             let _ = awareness.apply_update(update);
             let _ = awareness.update();
         }
-        Inbound::QueryAwareness | Inbound::Ignored => {}
+        Inbound::QueryAwareness | Inbound::Stateless(_) => {}
     }
 });
 

@@ -5,9 +5,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
-use super::{Fanout, FanoutError, Subscription};
+use super::{Fanout, FanoutError, Published, Subscription};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalFanout;
@@ -17,15 +16,10 @@ impl Fanout for LocalFanout {
     async fn subscribe(&self, _doc: &Arc<str>) -> Result<Subscription, FanoutError> {
         // No queue: a channel allocates its first block of slots up front,
         // about 1.3 KiB per loaded document that would never hold anything.
-        Ok(Subscription {
-            rx: None,
-            _guard: Box::new(()),
-        })
+        Ok(Subscription::none())
     }
 
-    fn publish_update(&self, _doc: &Arc<str>, _update: Bytes) {}
-
-    fn publish_awareness(&self, _doc: &Arc<str>, _message: Bytes) {}
+    fn publish(&self, _doc: &Arc<str>, _message: Published) {}
 
     fn degraded(&self) -> Option<String> {
         None

@@ -1,9 +1,9 @@
 //! Fan-out between replicas that hold the same document.
 //!
 //! A room subscribes before it loads from the store, so nothing published
-//! after the load began is missed, and publishes updates only once they are
-//! durable (the committer calls [`Fanout::publish_update`] after each group
-//! commit), so whatever a replica receives from another one is already stored.
+//! after the load began is missed. Updates are published only once they are
+//! durable (the committer's durable hook publishes each group commit), so
+//! whatever a replica receives from another one is already stored.
 
 pub mod local;
 pub mod redis;
@@ -14,24 +14,69 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+/// What a replica sends the others for a document.
+#[derive(Debug, Clone)]
+pub enum Published {
+    /// A stored Yjs v1 update.
+    Update(Bytes),
+    /// An encoded awareness update.
+    Awareness(Bytes),
+    /// An application message; never stored.
+    Stateless(Arc<str>),
+}
+
 /// What another replica sent for a document.
 #[derive(Debug, Clone)]
 pub enum Remote {
-    /// A stored Yjs update.
     Update(Bytes),
-    /// A whole y-protocols awareness message (type 1), ready to forward.
     Awareness(Bytes),
+    Stateless(Arc<str>),
     /// The channel lost messages (a broker outage, a trimmed stream): the room
     /// catches up from the store, which holds every published update.
     Resync,
 }
 
+impl From<Published> for Remote {
+    fn from(published: Published) -> Self {
+        match published {
+            Published::Update(update) => Remote::Update(update),
+            Published::Awareness(update) => Remote::Awareness(update),
+            Published::Stateless(payload) => Remote::Stateless(payload),
+        }
+    }
+}
+
 /// Receives a document's messages from other replicas until dropped.
 pub struct Subscription {
     /// `None` when nothing can ever arrive (a single node).
-    pub rx: Option<mpsc::Receiver<Remote>>,
+    rx: Option<mpsc::Receiver<Remote>>,
     /// Unsubscribes on drop.
-    pub _guard: Box<dyn Send + Sync>,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Subscription {
+    pub fn new(rx: mpsc::Receiver<Remote>, guard: Box<dyn Send + Sync>) -> Self {
+        Self {
+            rx: Some(rx),
+            _guard: guard,
+        }
+    }
+
+    /// A subscription on which nothing ever arrives.
+    pub fn none() -> Self {
+        Self {
+            rx: None,
+            _guard: Box::new(()),
+        }
+    }
+
+    /// The next message; pending for ever when nothing can arrive.
+    pub async fn recv(&mut self) -> Option<Remote> {
+        match &mut self.rx {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +88,8 @@ pub trait Fanout: Send + Sync + 'static {
     /// Starts delivering messages published for `doc` from now on.
     async fn subscribe(&self, doc: &Arc<str>) -> Result<Subscription, FanoutError>;
 
-    /// Sends a stored update to the other replicas. Never blocks the caller.
-    fn publish_update(&self, doc: &Arc<str>, update: Bytes);
-
-    /// Sends an awareness message to the other replicas. Never blocks the caller.
-    fn publish_awareness(&self, doc: &Arc<str>, message: Bytes);
+    /// Sends a message to the other replicas. Never blocks the caller.
+    fn publish(&self, doc: &Arc<str>, message: Published);
 
     /// `Some(reason)` while the fan-out is degraded (for `/readyz`).
     fn degraded(&self) -> Option<String>;

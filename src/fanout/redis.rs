@@ -1,8 +1,11 @@
 //! Fan-out through Redis Streams: one stream per document,
 //! `concord:{doc}:updates` (hash-tagged so Redis Cluster keeps a document's
-//! keys together), entries `k` (u = update, a = awareness), `r` (origin
-//! replica), `t` (publish time, µs since the Unix epoch; for the lag metric)
-//! and `d` (payload).
+//! keys together), entries `k` (kind), `r` (origin replica), `t` (publish
+//! time, µs since the Unix epoch; for the lag metric) and `d` (payload). The
+//! kinds: `u` an update, `w` an awareness update, `s` a stateless message,
+//! and `a`, an awareness update inside a y-websocket frame, which replicas
+//! of earlier versions publish (read during a rolling upgrade, never written;
+//! earlier versions skip the kinds they do not know).
 //!
 //! Loaded documents are hashed over a fixed set of reader tasks, each reading
 //! the streams of its documents with one `XREAD` on its own connection, from
@@ -35,7 +38,7 @@ use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::{AsyncCommands, FromRedisValue, Value};
 use tokio::sync::mpsc;
 
-use super::{Fanout, FanoutError, Remote, Subscription};
+use super::{Fanout, FanoutError, Published, Remote, Subscription};
 use crate::metrics as m;
 
 /// A stream untouched this long expires (its document is idle everywhere).
@@ -252,29 +255,24 @@ impl Fanout for RedisFanout {
                 tx,
                 owes_resync: false,
             });
-        Ok(Subscription {
-            rx: Some(rx),
-            _guard: Box::new(Unsubscribe {
-                shared: self.shared.clone(),
-                doc: doc.clone(),
-                id,
-            }),
-        })
+        let guard = Unsubscribe {
+            shared: self.shared.clone(),
+            doc: doc.clone(),
+            id,
+        };
+        Ok(Subscription::new(rx, Box::new(guard)))
     }
 
-    fn publish_update(&self, doc: &Arc<str>, update: Bytes) {
+    fn publish(&self, doc: &Arc<str>, message: Published) {
+        let (kind, payload) = match message {
+            Published::Update(update) => ("u", update),
+            Published::Awareness(update) => ("w", update),
+            Published::Stateless(payload) => ("s", Bytes::copy_from_slice(payload.as_bytes())),
+        };
         let _ = self.publish.send(Publish {
             doc: doc.clone(),
-            kind: "u",
-            payload: update,
-        });
-    }
-
-    fn publish_awareness(&self, doc: &Arc<str>, message: Bytes) {
-        let _ = self.publish.send(Publish {
-            doc: doc.clone(),
-            kind: "a",
-            payload: message,
+            kind,
+            payload,
         });
     }
 
@@ -511,9 +509,21 @@ fn remote_of(map: &HashMap<String, Value>, replica: &str, now: u64) -> Option<Re
     }
     match field_str(map, "k").as_deref() {
         Some("u") => Some(Remote::Update(payload)),
-        Some("a") => Some(Remote::Awareness(payload)),
+        Some("w") => Some(Remote::Awareness(payload)),
+        Some("s") => Some(Remote::Stateless(String::from_utf8_lossy(&payload).into())),
+        Some("a") => legacy_awareness(&payload).map(Remote::Awareness),
         _ => None,
     }
+}
+
+/// The awareness update inside a y-websocket awareness frame (type 1, then
+/// the update as a length-prefixed buffer), as earlier versions published it.
+fn legacy_awareness(frame: &[u8]) -> Option<Bytes> {
+    use yrs::encoding::read::{Cursor, Read};
+    let mut cursor = Cursor::new(frame);
+    let kind: u32 = cursor.read_var().ok()?;
+    (kind == 1).then_some(())?;
+    cursor.read_buf().ok().map(Bytes::copy_from_slice)
 }
 
 /// Whether Redis may have trimmed entries of the stream newer than `from`,

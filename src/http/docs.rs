@@ -11,10 +11,9 @@ use yrs::StateVector;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::Access;
-use crate::protocol::ywebsocket;
-
-const MAX_NAME_BYTES: usize = 512;
+use crate::auth::{self, Access, Grant};
+use crate::doc::name;
+use crate::protocol;
 
 #[derive(Deserialize)]
 pub struct ReadQuery {
@@ -27,15 +26,14 @@ pub async fn read(
     Query(query): Query<ReadQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    validate_name(&doc)?;
+    name::validate(&doc)?;
     authorize(&state, &headers, &doc, Access::Read)?;
     let since = match query.since {
         Some(encoded) => {
             let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(encoded.trim_end_matches('='))
                 .map_err(|e| ApiError::BadRequest(format!("since is not base64url: {e}")))?;
-            ywebsocket::decode_state_vector(&raw)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?
+            protocol::decode_state_vector(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))?
         }
         None => StateVector::default(),
     };
@@ -56,31 +54,28 @@ pub async fn write(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    validate_name(&doc)?;
-    authorize(&state, &headers, &doc, Access::Write)?;
+    name::validate(&doc)?;
+    let grant = authorize(&state, &headers, &doc, Access::Write)?;
     if state.health.is_draining() {
         return Err(ApiError::Draining);
     }
-    let update =
-        ywebsocket::decode_update(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    state.rooms.write(&doc, body, update).await?;
+    let update = protocol::decode_update(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    state.rooms.write(&doc, body, update, grant.user).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The bearer token's grant on `doc`, when it is at least `need`.
 fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     doc: &str,
     need: Access,
-) -> Result<(), ApiError> {
-    let Some(verifier) = &state.verifier else {
-        return Ok(());
-    };
-    let (_, access) = verifier.authorize(bearer(headers), doc)?;
-    if access < need {
-        return Err(crate::auth::AuthError::Forbidden.into());
+) -> Result<Grant, ApiError> {
+    let grant = auth::admit(state.verifier.as_deref(), bearer(headers), doc)?;
+    if grant.access < need {
+        return Err(auth::AuthError::Forbidden.into());
     }
-    Ok(())
+    Ok(grant)
 }
 
 /// The token of an `Authorization: Bearer …` header.
@@ -91,46 +86,4 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .ok()?
         .strip_prefix("Bearer ")
         .map(str::trim)
-}
-
-/// Percent-decodes and validates a document name taken from a raw path.
-pub fn decode_name(raw: &str) -> Result<String, ApiError> {
-    let name = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| ApiError::BadRequest("document name is not UTF-8".into()))?
-        .into_owned();
-    validate_name(&name)?;
-    Ok(name)
-}
-
-/// 1–512 bytes of UTF-8 without control characters.
-pub fn validate_name(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(ApiError::BadRequest(format!(
-            "document name must be 1 to {MAX_NAME_BYTES} bytes"
-        )));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(
-            "document name must not contain control characters".into(),
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert_eq!(decode_name("team-a/notes").unwrap(), "team-a/notes");
-        assert_eq!(decode_name("team-a%2Fnotes").unwrap(), "team-a/notes");
-        assert_eq!(decode_name("caf%C3%A9").unwrap(), "café");
-        assert!(decode_name("").is_err());
-        assert!(decode_name("a%00b").is_err());
-        assert!(decode_name("%FF").is_err());
-        assert!(decode_name(&"x".repeat(513)).is_err());
-        assert!(decode_name(&"x".repeat(512)).is_ok());
-    }
 }

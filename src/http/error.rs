@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::auth::AuthError;
+use crate::doc::name::NameError;
 use crate::room::RoomError;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,12 @@ pub enum ApiError {
     Draining,
     #[error(transparent)]
     Room(#[from] RoomError),
+}
+
+impl From<NameError> for ApiError {
+    fn from(error: NameError) -> Self {
+        ApiError::BadRequest(error.to_string())
+    }
 }
 
 impl ApiError {

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Verifier;
 use crate::config::Limits;
 use crate::health::Health;
 use crate::room::Rooms;
+use crate::transport;
 
 pub use client_addr::{ClientAddrs, ConnectionSlot};
 
@@ -30,8 +30,8 @@ pub struct AppState {
     pub allowed_origins: Option<Arc<Vec<String>>>,
     pub client_addrs: ClientAddrs,
     pub metrics: PrometheusHandle,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
+    /// What every socket shares (limits, shutdown, heartbeat).
+    pub transport: Arc<transport::Context>,
     /// Open sockets, so shutdown can wait for them to close.
     pub connections: tokio_util::task::TaskTracker,
 }
@@ -42,8 +42,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/ws/{*doc}", get(ws::upgrade))
-        .route("/ws/", get(ws::upgrade))
+        .route("/ws/{*doc}", get(ws::ywebsocket))
+        .route("/ws/", get(ws::ywebsocket))
+        .route("/hocuspocus", get(ws::hocuspocus))
+        .route("/hocuspocus/", get(ws::hocuspocus))
         .route("/api/docs/{doc}", get(docs::read))
         .route(
             "/api/docs/{doc}/updates",

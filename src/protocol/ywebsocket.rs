@@ -1,137 +1,162 @@
-//! The y-websocket dialect (y-protocols): one message per binary frame, a varint
-//! type tag (0 sync, 1 awareness, 2 auth, 3 query-awareness) and a payload.
-//! Parsing and encoding are `yrs::sync`'s; this file only decides what is
-//! acceptable from a client and builds the frames the server sends.
+//! The y-websocket protocol (y-protocols), `GET /ws/{doc}`: one document per
+//! socket, named by the path. One message per binary frame: a varint type
+//! (0 sync, 1 awareness, 2 auth, 3 query-awareness) and a payload.
 
-use std::panic::catch_unwind;
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use bytes::Bytes;
-use yrs::encoding::read::{Cursor, Error as ReadError, Read};
-use yrs::sync::awareness::AwarenessUpdate;
-use yrs::sync::{Message, SyncMessage};
-use yrs::updates::decoder::Decode;
-use yrs::updates::encoder::Encode;
-use yrs::{StateVector, Update};
+use tokio::time::Instant;
+use yrs::encoding::read::{Cursor, Read};
 
-use super::{DecodeError, Inbound};
-use crate::guard;
+use super::{decode_awareness, decode_sync, kind_of, payload_len, write_shared, DecodeError};
+use crate::auth::{AuthError, Grant};
+use crate::metrics::{self as m, MessageKind};
+use crate::room::{ConnId, Framer, Inbound, Leave, Member, Outbound, Peer, RoomError, Rooms};
+use crate::transport::{Close, Outbox, Session};
 
-/// Decodes one client frame. Nothing is applied here; an error means the
-/// frame must be refused whole.
-pub fn decode(frame: &[u8]) -> Result<Inbound, DecodeError> {
-    if frame.first() == Some(&1) {
-        check_awareness_client_ids(&frame[1..])?;
-    }
-    // yrs hardens its decoders against hostile lengths, but a panic on some
-    // input we have not seen must cost one connection, never the process.
-    let message = catch_unwind(|| Message::decode_v1(frame))
-        .map_err(|_| DecodeError::Malformed("decoder panicked".into()))?
-        .map_err(|e: ReadError| DecodeError::Malformed(e.to_string()))?;
-    match message {
-        Message::Sync(SyncMessage::SyncStep1(sv)) => Ok(Inbound::SyncStep1(sv)),
-        Message::Sync(SyncMessage::SyncStep2(raw)) | Message::Sync(SyncMessage::Update(raw)) => {
-            let update = decode_update(&raw)?;
-            Ok(Inbound::Update {
-                raw: Bytes::from(raw),
-                update,
-            })
-        }
-        Message::Awareness(update) => Ok(Inbound::Awareness {
-            raw: Bytes::copy_from_slice(frame),
-            update,
-        }),
-        Message::AwarenessQuery => Ok(Inbound::QueryAwareness),
-        Message::Auth(_) => Ok(Inbound::Ignored),
-        Message::Custom(tag, _) => Err(DecodeError::UnknownType(tag)),
+/// Decodes one client frame; `None` for messages accepted and dropped (the
+/// auth sub-protocol, which clients never send to servers).
+pub fn decode(frame: &[u8]) -> Result<Option<Inbound>, DecodeError> {
+    let mut cursor = Cursor::new(frame);
+    let kind: u64 = cursor.read_var()?;
+    match kind {
+        0 => decode_sync(&mut cursor).map(Some),
+        1 => decode_awareness(&mut cursor).map(Some),
+        2 => Ok(None),
+        3 => Ok(Some(Inbound::QueryAwareness)),
+        other => Err(DecodeError::UnknownType(other)),
     }
 }
 
-/// Yjs client ids are 53-bit (a JavaScript number). yrs asserts that in
-/// debug builds and silently drops the high bits in release ones, so a larger
-/// id would either panic or alias another client: refuse it before yrs sees it.
-fn check_awareness_client_ids(payload: &[u8]) -> Result<(), DecodeError> {
-    const MAX_CLIENT_ID: u64 = (1 << 53) - 1;
-    let bad = |e: ReadError| DecodeError::BadAwareness(e.to_string());
-    let mut outer = Cursor::new(payload);
-    let mut entries = Cursor::new(outer.read_buf().map_err(bad)?);
-    let count: u32 = entries.read_var().map_err(bad)?;
-    // Each entry takes at least three bytes, so a lying count ends at the
-    // first read past the end.
-    for _ in 0..count {
-        let client: u64 = entries.read_var().map_err(bad)?;
-        if client > MAX_CLIENT_ID {
-            return Err(DecodeError::BadAwareness(format!(
-                "client id {client} is over 53 bits"
-            )));
-        }
-        let _clock: u32 = entries.read_var().map_err(bad)?;
-        entries.read_string().map_err(bad)?;
+/// Frames room messages bare: every y-websocket peer gets the same bytes.
+struct YFramer;
+
+impl Framer for YFramer {
+    fn frame(&self, msg: Outbound<'_>) -> Option<Bytes> {
+        let mut out = Vec::with_capacity(payload_len(msg) + 8);
+        write_shared(&mut out, msg).then(|| out.into())
     }
-    Ok(())
+
+    fn key(&self) -> &[u8] {
+        b"y"
+    }
 }
 
-/// Decodes a Yjs v1 update, for the socket and the HTTP API alike, and tries
-/// it on an empty document first ([`guard::trial`]): an update that applies
-/// but leaves a state yrs cannot encode would make every later sync of its
-/// document panic, from memory and again after each reload, since the raw
-/// update is stored. The trial costs a second decode and integration.
-pub fn decode_update(raw: &[u8]) -> Result<Update, DecodeError> {
-    let decode = || {
-        catch_unwind(|| Update::decode_v1(raw))
-            .map_err(|_| DecodeError::BadUpdate("decoder panicked".into()))?
-            .map_err(|e| DecodeError::BadUpdate(e.to_string()))
+fn framer() -> Arc<dyn Framer> {
+    static FRAMER: OnceLock<Arc<dyn Framer>> = OnceLock::new();
+    FRAMER.get_or_init(|| Arc::new(YFramer)).clone()
+}
+
+/// One socket on one document.
+pub struct YSession {
+    member: Member,
+    doc: Arc<str>,
+    grant: Grant,
+    /// When the token expires: the socket is closed then.
+    expires: Option<Instant>,
+}
+
+/// Admits the peer (`grant` is what its token gives, or why it gives
+/// nothing) and joins the document's room.
+pub async fn open(
+    rooms: Rooms,
+    doc: String,
+    grant: Result<Grant, AuthError>,
+    outbox: Outbox,
+) -> Result<YSession, Close> {
+    let grant = grant.map_err(|error| {
+        let (close, reason) = match error {
+            AuthError::Forbidden => (Close::Forbidden, "forbidden"),
+            AuthError::Missing | AuthError::Invalid(_) => {
+                (Close::Unauthorized("unauthorized"), "unauthorized")
+            }
+        };
+        metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+        tracing::info!(%doc, %error, "websocket refused");
+        close
+    })?;
+    let peer = Peer {
+        outbox,
+        framer: framer(),
+        can_write: grant.can_write(),
+        user: grant.user.clone(),
     };
-    guard::trial(decode()?).map_err(|e| DecodeError::BadUpdate(e.to_string()))?;
-    decode()
+    let member = rooms.join(&doc, peer).await.map_err(|error| match error {
+        RoomError::Unavailable(why) => Close::TryAgain(why),
+        RoomError::BadUpdate(why) => Close::Internal(why),
+    })?;
+    tracing::info!(
+        doc = %doc,
+        user = grant.user.as_deref().unwrap_or("-"),
+        write = grant.can_write(),
+        "connection opened"
+    );
+    Ok(YSession {
+        member,
+        doc: doc.into(),
+        expires: grant.expires_at.map(deadline),
+        grant,
+    })
 }
 
-/// Decodes a state vector sent by an HTTP client.
-pub fn decode_state_vector(raw: &[u8]) -> Result<StateVector, DecodeError> {
-    catch_unwind(|| StateVector::decode_v1(raw))
-        .map_err(|_| DecodeError::Malformed("decoder panicked".into()))?
-        .map_err(|e| DecodeError::Malformed(format!("bad state vector: {e}")))
+/// A wall-clock time as a timer deadline.
+pub(super) fn deadline(at: SystemTime) -> Instant {
+    Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
-pub fn sync_step1(sv: &StateVector) -> Bytes {
-    Message::Sync(SyncMessage::SyncStep1(sv.clone()))
-        .encode_v1()
-        .into()
-}
+impl Session for YSession {
+    async fn frame(&mut self, data: Bytes) -> Result<(), Close> {
+        let msg = match decode(&data) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                tracing::info!(doc = %self.doc, %error, "refused undecodable message");
+                return Err(Close::Protocol(error.to_string()));
+            }
+        };
+        if matches!(msg, Inbound::Update { .. }) && !self.grant.can_write() {
+            // Read access: the update is dropped, the connection stays.
+            return Ok(());
+        }
+        if !self.member.send(msg).await {
+            return Err(Close::Reloading("document unloaded"));
+        }
+        Ok(())
+    }
 
-pub fn sync_step2(update: Vec<u8>) -> Bytes {
-    Message::Sync(SyncMessage::SyncStep2(update))
-        .encode_v1()
-        .into()
-}
+    async fn left(&mut self, _conn: ConnId, why: Leave) -> Result<(), Close> {
+        Err(why.into())
+    }
 
-pub fn update(update: &[u8]) -> Bytes {
-    Message::Sync(SyncMessage::Update(update.to_vec()))
-        .encode_v1()
-        .into()
-}
+    fn deadline(&self) -> Option<Instant> {
+        self.expires
+    }
 
-pub fn awareness(update: AwarenessUpdate) -> Bytes {
-    Message::Awareness(update).encode_v1().into()
-}
+    async fn expire(&mut self) -> Result<(), Close> {
+        Err(Close::Unauthorized("token expired"))
+    }
 
-/// Label of a frame's message type for metrics, read from its first bytes
-/// without decoding the rest.
-pub fn message_type(frame: &[u8]) -> &'static str {
-    match frame {
-        [0, 0, ..] => "sync_step1",
-        [0, 1, ..] => "sync_step2",
-        [0, 2, ..] => "update",
-        [1, ..] => "awareness",
-        [2, ..] => "auth",
-        [3, ..] => "query_awareness",
-        _ => "other",
+    fn kind(frame: &[u8]) -> MessageKind {
+        kind_of(frame)
+    }
+
+    fn describe(&self) -> (String, String) {
+        (
+            self.doc.to_string(),
+            self.grant.user.as_deref().unwrap_or("-").to_string(),
+        )
+    }
+
+    async fn finish(self) {
+        self.member.leave().await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yrs::{Doc, GetString, ReadTxn, Text, Transact};
+    use yrs::{Doc, GetString, ReadTxn, StateVector, Text, Transact};
 
     #[test]
     fn update_round_trips() {
@@ -141,9 +166,9 @@ mod tests {
         let raw = doc
             .transact()
             .encode_state_as_update_v1(&StateVector::default());
-        let frame = update(&raw);
+        let frame = YFramer.frame(Outbound::Update(&raw)).unwrap();
         match decode(&frame).unwrap() {
-            Inbound::Update { raw: got, update } => {
+            Some(Inbound::Update { raw: got, update }) => {
                 assert_eq!(&got[..], &raw[..]);
                 let other = Doc::new();
                 let t = other.get_or_insert_text("t");
@@ -152,7 +177,8 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(message_type(&frame), "update");
+        assert_eq!(kind_of(&frame), MessageKind::Update);
+        assert!(YFramer.frame(Outbound::SyncStatus(true)).is_none());
     }
 
     #[test]

@@ -3,40 +3,57 @@
 //! Order of life: subscribe to the fan-out, load snapshot + log from the store
 //! (single flight: joins queue meanwhile), then serve commands until the last
 //! client has been gone for `unload_after`, flush, and retire.
+//!
+//! Commands are taken in batches: after one wakes the room, what else is
+//! queued is handled too, and the awareness changes of the whole batch go out
+//! as one merged update.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use futures::FutureExt;
-
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use yrs::sync::awareness::AwarenessUpdate;
-use yrs::sync::{Awareness, Message};
+use yrs::sync::Awareness;
 use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
-use super::{Command, ConnId, Peer, RoomError, Rooms, Snapshot, Write};
-use crate::connection::{close, sleep_until, Overflow};
-use crate::fanout::{Remote, Subscription};
-use crate::guard::{self, ApplyError};
+use super::{Command, ConnId, Inbound, Leave, Outbound, Peer, RoomError, Rooms, Snapshot, Write};
+use crate::doc::guard::{self, ApplyError};
+use crate::fanout::{Published, Remote, Subscription};
 use crate::metrics as m;
-use crate::protocol::{ywebsocket, Inbound};
+use crate::store::committer::Ack;
 use crate::store::{self, NewUpdate, Store};
+use crate::transport::Overflow;
 
 /// A provider announces one awareness client per document; a few more leave
 /// room for clients that multiplex. Past these limits awareness would be a way
-/// to make every replica hold state without bound, so the socket is closed.
+/// to make every replica hold state without bound, so the peer is let go.
 const MAX_AWARENESS_CLIENTS_PER_CONNECTION: usize = 16;
 /// Cursors, names and colours take a few hundred bytes.
 const MAX_AWARENESS_STATE_BYTES: usize = 64 * 1024;
+/// Commands handled per wake-up before the room yields to the sockets it feeds.
+const BATCH: usize = 64;
 
 struct Member {
     peer: Peer,
-    /// Awareness client ids this connection announced; removed when it leaves.
+    /// Awareness client ids this peer announced; removed when it leaves.
     awareness_ids: HashSet<ClientID>,
+    /// Sync status frames (stored, refused) when the peer's protocol has them.
+    acks: Option<(Bytes, Bytes)>,
+}
+
+/// The last diff computed for a step 1, with its frames: a join storm asks
+/// for the same diff (the whole document) many times over.
+struct DiffCache {
+    version: u64,
+    since: StateVector,
+    update: Bytes,
+    frames: Vec<(Box<[u8]>, Option<Bytes>)>,
 }
 
 struct Room {
@@ -50,6 +67,11 @@ struct Room {
     poisoned: bool,
     /// Check the stored state on load (it failed to encode before).
     check: bool,
+    /// Bumped on every change to the document.
+    version: u64,
+    diff_cache: Option<DiffCache>,
+    /// Awareness clients changed in this batch, sent merged at its end.
+    awareness_changed: HashSet<ClientID>,
 }
 
 pub(super) fn spawn(
@@ -68,6 +90,9 @@ pub(super) fn spawn(
         idle_since: Some(Instant::now()),
         poisoned: false,
         check,
+        version: 0,
+        diff_cache: None,
+        awareness_changed: HashSet::new(),
     };
     let (rooms, doc) = (room.rooms.clone(), room.doc_name.clone());
     tokio::spawn(async move {
@@ -91,11 +116,14 @@ pub(super) async fn read_stored(
         .load(doc)
         .await
         .map_err(|e| RoomError::Unavailable(e.to_string()))?;
-    metrics::counter!(m::STORE_LOADS).increment(1);
+    m::store_loaded();
     let exists = !stored.is_empty();
     let ydoc =
-        store::build_doc(&stored, true).map_err(|e| RoomError::Unavailable(e.to_string()))?;
-    let update = ydoc.transact().encode_diff_v1(since);
+        crate::doc::build(&stored, true).map_err(|e| RoomError::Unavailable(e.to_string()))?;
+    let update = guard::encode_diff(&ydoc, since)
+        .map_err(|e| RoomError::Unavailable(e.to_string()))?
+        .into();
+    guard::discard(ydoc);
     Ok(Snapshot { update, exists })
 }
 
@@ -105,10 +133,10 @@ impl Room {
         // Subscribe first: whatever is published from here on is delivered, and
         // everything published before is already in the store we load next.
         let subscription = match ctx.fanout.subscribe(&self.doc_name).await {
-            Ok(s) => Some(s),
+            Ok(s) => s,
             Err(error) => {
                 tracing::warn!(doc = %self.doc_name, %error, "loading without fan-out; will resync");
-                None
+                Subscription::none()
             }
         };
         if let Err(error) = self.load().await {
@@ -123,9 +151,9 @@ impl Room {
     async fn load(&mut self) -> Result<(), store::StoreError> {
         let ctx = self.rooms.context();
         let stored = ctx.store.load(&self.doc_name).await?;
-        metrics::counter!(m::STORE_LOADS).increment(1);
+        m::store_loaded();
         let (entries, bytes) = (stored.updates.len() as u64, stored.log_bytes());
-        self.awareness = Awareness::new(store::build_doc(&stored, self.check)?);
+        self.awareness = Awareness::new(crate::doc::build(&stored, self.check)?);
         ctx.committer.loaded(self.doc_name.clone(), entries, bytes);
         Ok(())
     }
@@ -154,7 +182,7 @@ impl Room {
         }
     }
 
-    async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>, mut sub: Option<Subscription>) {
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>, mut sub: Subscription) {
         let ctx = self.rooms.context();
         let unload_after = ctx.unload_after;
         let mut sweep = tokio::time::interval(ctx.awareness_timeout / 2);
@@ -163,10 +191,18 @@ impl Room {
             let unload_at = self.idle_since.map(|t| t + unload_after);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => {
+                        self.handle(cmd);
+                        for _ in 1..BATCH {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => return,
                 },
-                Some(remote) = recv_remote(&mut sub) => self.handle_remote(remote).await,
+                Some(remote) = sub.recv() => self.handle_remote(remote).await,
                 _ = sleep_until(unload_at) => {
                     // Flush first: once retired, a new room may load this document
                     // from the store, which must then hold everything.
@@ -179,6 +215,7 @@ impl Room {
                 }
                 _ = sweep.tick() => self.expire_remote_awareness(),
             }
+            self.flush_awareness();
             if self.poisoned {
                 return self.reload(rx);
             }
@@ -186,16 +223,12 @@ impl Room {
     }
 
     /// Gives the document up after an update broke it in memory. The update
-    /// was not stored, so every client reconnects (1012) to a room loaded
-    /// afresh from the store.
+    /// was not stored, so every client reconnects to a room loaded afresh
+    /// from the store.
     fn reload(&mut self, rx: &mut mpsc::Receiver<Command>) {
-        for member in self.members.values() {
-            member
-                .peer
-                .outbox
-                .close(close::RESTARTING, "document reloading");
+        for (conn, member) in self.members.drain() {
+            member.peer.outbox.leave(conn, Leave::Reloading);
         }
-        self.members.clear();
         self.rooms.suspect(&self.doc_name);
         self.fail_all(rx, RoomError::Unavailable("document reloading".into()));
     }
@@ -206,7 +239,7 @@ impl Room {
                 self.join(conn, *peer);
                 let _ = reply.send(Ok(()));
             }
-            Command::Leave { conn } => self.leave(conn),
+            Command::Leave { conn } => self.remove(conn),
             Command::Inbound { conn, msg } => self.inbound(conn, *msg),
             Command::Read { since, reply } => {
                 let exists = !self.awareness.doc().transact().state_vector().is_empty();
@@ -216,10 +249,18 @@ impl Room {
                 let _ = reply.send(result);
             }
             Command::Write(write) => {
-                let Write { raw, update, reply } = *write;
+                let Write {
+                    raw,
+                    update,
+                    user,
+                    reply,
+                } = *write;
                 let (durable, stored) = oneshot::channel();
+                let ack: Ack = Box::new(move || {
+                    let _ = durable.send(());
+                });
                 let result = self
-                    .apply_local(raw, update, None, Some(durable))
+                    .apply_local(raw, update, None, user, Some(ack))
                     .map(|()| stored);
                 let _ = reply.send(result);
             }
@@ -227,80 +268,101 @@ impl Room {
     }
 
     fn join(&mut self, conn: ConnId, peer: Peer) {
-        let sv = self.awareness.doc().transact().state_vector();
-        send(&peer, ywebsocket::sync_step1(&sv));
-        if let Some(states) = self.awareness_states() {
-            send(&peer, states);
+        let sv = self.awareness.doc().transact().state_vector().encode_v1();
+        let acks = peer
+            .framer
+            .frame(Outbound::SyncStatus(true))
+            .zip(peer.framer.frame(Outbound::SyncStatus(false)));
+        let member = Member {
+            peer,
+            awareness_ids: HashSet::new(),
+            acks,
+        };
+        let mut ok = send(&member.peer, conn, Outbound::SyncStep1(&sv));
+        if let Some(states) = awareness_states(&self.awareness) {
+            ok &= send(&member.peer, conn, Outbound::Awareness(&states));
         }
-        self.members.insert(
-            conn,
-            Member {
-                peer,
-                awareness_ids: HashSet::new(),
-            },
-        );
-        self.idle_since = None;
+        if ok {
+            self.members.insert(conn, member);
+            self.idle_since = None;
+        }
     }
 
-    fn leave(&mut self, conn: ConnId) {
+    /// Drops a member: its awareness states go with it, for everyone.
+    fn remove(&mut self, conn: ConnId) {
         let Some(member) = self.members.remove(&conn) else {
             return;
         };
-        if !member.awareness_ids.is_empty() {
-            for id in &member.awareness_ids {
-                self.awareness.remove_state(*id);
-            }
-            if let Ok(update) = self
-                .awareness
-                .update_with_clients(member.awareness_ids.iter().copied())
-            {
-                let frame = ywebsocket::awareness(update);
-                self.rooms
-                    .context()
-                    .fanout
-                    .publish_awareness(&self.doc_name, frame.clone());
-                self.broadcast(frame, None);
-            }
+        for id in &member.awareness_ids {
+            self.awareness.remove_state(*id);
+            self.awareness_changed.insert(*id);
         }
         if self.members.is_empty() {
             self.idle_since = Some(Instant::now());
         }
     }
 
+    /// Lets a member go, telling its socket why.
+    fn evict(&mut self, conn: ConnId, why: Leave) {
+        if let Some(member) = self.members.get(&conn) {
+            member.peer.outbox.leave(conn, why);
+        }
+        self.remove(conn);
+    }
+
     fn inbound(&mut self, conn: ConnId, msg: Inbound) {
         let Some(member) = self.members.get_mut(&conn) else {
             return;
         };
-        let can_write = member.peer.can_write;
         match msg {
             Inbound::SyncStep1(sv) => {
-                let Ok(diff) = self.encode_diff(&sv) else {
+                let Some(frame) = self.step2_frame(conn, &sv) else {
                     return;
                 };
-                if !send(&self.members[&conn].peer, ywebsocket::sync_step2(diff)) {
-                    self.leave(conn);
+                let member = &self.members[&conn];
+                if let Some(frame) = frame {
+                    if !push(&member.peer, conn, frame) {
+                        self.remove(conn);
+                    }
                 }
             }
             Inbound::Update { raw, update } => {
-                if !can_write {
+                if !member.peer.can_write {
+                    // Read access: nothing of it is applied, stored or sent on.
+                    // A peer that tracks sync status hears whether it had
+                    // anything to say.
+                    let status = member.acks.as_ref().map(|(stored, refused)| {
+                        if update.is_empty() { stored } else { refused }.clone()
+                    });
+                    if let Some(frame) = status {
+                        if !push(&member.peer, conn, frame) {
+                            self.remove(conn);
+                        }
+                    }
                     return;
                 }
-                if let Err(error) = self.apply_local(raw, update, Some(conn), None) {
-                    let member = &self.members[&conn];
-                    let code = match error {
-                        RoomError::BadUpdate(_) => close::PROTOCOL_ERROR,
-                        _ => close::TRY_AGAIN,
-                    };
+                let ack = member.acks.as_ref().map(|(stored, _)| {
+                    let (outbox, frame) = (member.peer.outbox.clone(), stored.clone());
+                    Box::new(move || {
+                        // The frame goes straight to the socket: a peer too
+                        // slow for it is let go by the next broadcast.
+                        let _ = outbox.push(frame);
+                    }) as Ack
+                });
+                let user = member.peer.user.clone();
+                if let Err(error) = self.apply_local(raw, update, Some(conn), user, ack) {
                     tracing::info!(doc = %self.doc_name, %error, "update refused");
-                    member.peer.outbox.close(code, error.to_string());
-                    self.leave(conn);
+                    let why = match error {
+                        RoomError::BadUpdate(why) => Leave::BadUpdate(why),
+                        RoomError::Unavailable(why) => Leave::Overloaded(why),
+                    };
+                    self.evict(conn, why);
                 }
             }
-            Inbound::Awareness { raw, update } => {
+            Inbound::Awareness { update, .. } => {
                 if let Err(reason) = check_awareness(&member.awareness_ids, &update) {
                     tracing::info!(doc = %self.doc_name, reason, "awareness refused");
-                    member.peer.outbox.close(close::POLICY, reason);
-                    self.leave(conn);
+                    self.evict(conn, Leave::BadAwareness(reason));
                     return;
                 }
                 for (id, entry) in &update.clients {
@@ -309,40 +371,68 @@ impl Room {
                     } else {
                         member.awareness_ids.insert(*id);
                     }
+                    self.awareness_changed.insert(*id);
                 }
                 let _ = self.awareness.apply_update(update);
-                self.rooms
-                    .context()
-                    .fanout
-                    .publish_awareness(&self.doc_name, raw.clone());
-                // Including the sender: it is how an idle client alone in a
-                // document keeps receiving something (y-websocket's 30 s timeout).
-                self.broadcast(raw, None);
             }
             Inbound::QueryAwareness => {
-                if let Some(states) = self.awareness_states() {
-                    send(&self.members[&conn].peer, states);
+                if let Some(states) = awareness_states(&self.awareness) {
+                    if !send(&member.peer, conn, Outbound::Awareness(&states)) {
+                        self.remove(conn);
+                    }
                 }
             }
-            Inbound::Ignored => {}
+            Inbound::Stateless(payload) => {
+                let fanout = &self.rooms.context().fanout;
+                fanout.publish(&self.doc_name, Published::Stateless(payload.clone().into()));
+                self.broadcast(Outbound::Stateless(&payload), Some(conn));
+            }
         }
+    }
+
+    /// The step 2 frame answering `sv` for `conn`'s protocol: `None` when the
+    /// document cannot be encoded, `Some(None)` when the protocol has no such
+    /// frame. Frames of the last diff are kept while the document is unchanged.
+    fn step2_frame(&mut self, conn: ConnId, sv: &StateVector) -> Option<Option<Bytes>> {
+        let hit = self
+            .diff_cache
+            .as_ref()
+            .is_some_and(|c| c.version == self.version && &c.since == sv);
+        if !hit {
+            let update = self.encode_diff(sv).ok()?;
+            self.diff_cache = Some(DiffCache {
+                version: self.version,
+                since: sv.clone(),
+                update,
+                frames: Vec::new(),
+            });
+        }
+        let cache = self.diff_cache.as_mut().expect("just filled");
+        let framer = &self.members[&conn].peer.framer;
+        if let Some((_, frame)) = cache.frames.iter().find(|(k, _)| **k == *framer.key()) {
+            return Some(frame.clone());
+        }
+        let frame = framer.frame(Outbound::SyncStep2(&cache.update));
+        cache.frames.push((framer.key().into(), frame.clone()));
+        Some(frame)
     }
 
     /// Applies an update from a client of this replica (socket or HTTP): in
     /// memory, to the other local clients at once, and to the group commit,
-    /// which publishes it to other replicas once it is durable.
+    /// which publishes it to other replicas once it is durable and then acks.
     fn apply_local(
         &mut self,
         raw: Bytes,
         update: Update,
         from: Option<ConnId>,
-        durable: Option<oneshot::Sender<()>>,
+        user: Option<Arc<str>>,
+        ack: Option<Ack>,
     ) -> Result<(), RoomError> {
         if update.is_empty() {
             // Every client answers our step 1 with a step 2, mostly empty:
             // nothing to apply, store or broadcast.
-            if let Some(durable) = durable {
-                let _ = durable.send(());
+            if let Some(ack) = ack {
+                ack();
             }
             return Ok(());
         }
@@ -351,29 +441,36 @@ impl Room {
             .reserve(raw.len())
             .map_err(|e| RoomError::Unavailable(e.to_string()))?;
         self.apply(update)?;
+        self.broadcast(Outbound::Update(&raw), from);
         reservation.submit(
             NewUpdate {
                 doc: self.doc_name.clone(),
-                data: raw.clone(),
+                data: raw,
+                user,
             },
-            durable,
+            ack,
         );
-        self.broadcast(ywebsocket::update(&raw), from);
         Ok(())
     }
 
     /// The document's state since `since`. A failure to encode means an
     /// update broke the document: the room is then reloaded, with a check.
-    fn encode_diff(&mut self, since: &StateVector) -> Result<Vec<u8>, RoomError> {
-        guard::encode_diff(self.awareness.doc(), since).map_err(|error| {
-            tracing::error!(doc = %self.doc_name, %error, "document cannot be encoded; reloading it");
-            self.poisoned = true;
-            RoomError::Unavailable("document reloading".into())
-        })
+    fn encode_diff(&mut self, since: &StateVector) -> Result<Bytes, RoomError> {
+        match guard::encode_diff(self.awareness.doc(), since) {
+            Ok(update) => Ok(update.into()),
+            Err(error) => {
+                tracing::error!(doc = %self.doc_name, %error, "document cannot be encoded; reloading it");
+                self.poisoned = true;
+                Err(RoomError::Unavailable("document reloading".into()))
+            }
+        }
     }
 
     fn apply(&mut self, update: Update) -> Result<(), RoomError> {
-        guard::apply(self.awareness.doc(), update).map_err(|error| {
+        let applied = guard::apply(self.awareness.doc(), update);
+        // Even a refused update may have changed something before yrs gave up.
+        self.version += 1;
+        applied.map_err(|error| {
             if let ApplyError::Poisoned(why) = error {
                 tracing::error!(doc = %self.doc_name, why, "document state broken by an update; reloading it");
                 self.poisoned = true;
@@ -390,15 +487,16 @@ impl Room {
                     return;
                 };
                 if self.apply(update).is_ok() {
-                    self.broadcast(ywebsocket::update(&raw), None);
+                    self.broadcast(Outbound::Update(&raw), None);
                 }
             }
-            Remote::Awareness(frame) => {
-                if let Ok(Message::Awareness(update)) = Message::decode_v1(&frame) {
+            Remote::Awareness(raw) => {
+                if let Ok(update) = AwarenessUpdate::decode_v1(&raw) {
                     let _ = self.awareness.apply_update(update);
-                    self.broadcast(frame, None);
+                    self.broadcast(Outbound::Awareness(&raw), None);
                 }
             }
+            Remote::Stateless(payload) => self.broadcast(Outbound::Stateless(&payload), None),
             Remote::Resync => self.resync().await,
         }
     }
@@ -413,9 +511,10 @@ impl Room {
                 return;
             }
         };
-        metrics::counter!(m::STORE_LOADS).increment(1);
+        m::store_loaded();
         let before = self.awareness.doc().transact().state_vector();
-        if let Err(error) = store::apply_stored(self.awareness.doc(), &stored) {
+        self.version += 1;
+        if let Err(error) = crate::doc::apply_stored(self.awareness.doc(), &stored) {
             tracing::error!(doc = %self.doc_name, %error, "resync found corrupt data; reloading");
             self.poisoned = true;
             return;
@@ -424,7 +523,7 @@ impl Room {
             return;
         };
         if !is_empty_update(&diff) {
-            self.broadcast(ywebsocket::update(&diff), None);
+            self.broadcast(Outbound::Update(&diff), None);
         }
     }
 
@@ -451,52 +550,92 @@ impl Room {
             })
             .map(|(id, _)| id)
             .collect();
-        if stale.is_empty() {
+        for id in stale {
+            self.awareness.remove_state(id);
+            self.awareness_changed.insert(id);
+        }
+    }
+
+    /// Sends the awareness changes of the batch as one update: to every local
+    /// member, the sender included (it is how an idle client alone in a
+    /// document keeps receiving something, for y-websocket's 30 s timeout),
+    /// and to the other replicas.
+    fn flush_awareness(&mut self) {
+        if self.awareness_changed.is_empty() {
             return;
         }
-        for id in &stale {
-            self.awareness.remove_state(*id);
-        }
-        if let Ok(update) = self.awareness.update_with_clients(stale) {
-            self.broadcast(ywebsocket::awareness(update), None);
-        }
+        let changed = std::mem::take(&mut self.awareness_changed);
+        let Ok(update) = self.awareness.update_with_clients(changed) else {
+            return;
+        };
+        let encoded = Bytes::from(update.encode_v1());
+        self.rooms
+            .context()
+            .fanout
+            .publish(&self.doc_name, Published::Awareness(encoded.clone()));
+        self.broadcast(Outbound::Awareness(&encoded), None);
     }
 
-    fn awareness_states(&self) -> Option<Bytes> {
-        let update: AwarenessUpdate = self.awareness.update().ok()?;
-        (!update.clients.is_empty()).then(|| ywebsocket::awareness(update))
-    }
-
-    /// Queues a frame for every member but `except`. A member whose queue is
-    /// full is a slow consumer: it is closed with 1013, reconnects and resyncs.
-    fn broadcast(&mut self, frame: Bytes, except: Option<ConnId>) {
+    /// Queues a message for every member but `except`, framed once per
+    /// framer in use. A member whose queue is full is let go as a slow
+    /// consumer: it reconnects and resyncs.
+    fn broadcast(&mut self, msg: Outbound<'_>, except: Option<ConnId>) {
+        let mut frames: Vec<(&[u8], Option<Bytes>)> = Vec::new();
         let mut dropped = Vec::new();
         for (conn, member) in &self.members {
-            if Some(*conn) != except && !send(&member.peer, frame.clone()) {
-                dropped.push(*conn);
+            if Some(*conn) == except {
+                continue;
+            }
+            let framer = &member.peer.framer;
+            let key = framer.key();
+            let frame = match frames.iter().find(|(k, _)| *k == key) {
+                Some((_, frame)) => frame.clone(),
+                None => {
+                    let frame = framer.frame(msg);
+                    frames.push((key, frame.clone()));
+                    frame
+                }
+            };
+            if let Some(frame) = frame {
+                if !push(&member.peer, *conn, frame) {
+                    dropped.push(*conn);
+                }
             }
         }
         for conn in dropped {
-            self.leave(conn);
+            self.remove(conn);
         }
     }
 }
 
-/// Queues a frame for one peer; false when the peer is gone or too slow.
-fn send(peer: &Peer, frame: Bytes) -> bool {
+/// Every awareness state the room holds, encoded; `None` when there is none.
+fn awareness_states(awareness: &Awareness) -> Option<Vec<u8>> {
+    let update: AwarenessUpdate = awareness.update().ok()?;
+    (!update.clients.is_empty()).then(|| update.encode_v1())
+}
+
+/// Frames and queues one message for one peer; false when the peer is gone
+/// or too slow (it has then been told to leave).
+fn send(peer: &Peer, conn: ConnId, msg: Outbound<'_>) -> bool {
+    match peer.framer.frame(msg) {
+        Some(frame) => push(peer, conn, frame),
+        None => true,
+    }
+}
+
+fn push(peer: &Peer, conn: ConnId, frame: Bytes) -> bool {
     match peer.outbox.push(frame) {
         Ok(()) => true,
         Err(Overflow::Full) => {
-            peer.outbox
-                .close(close::TRY_AGAIN, "slow consumer: outgoing queue overflowed");
+            peer.outbox.leave(conn, Leave::SlowConsumer);
             false
         }
         Err(Overflow::Gone) => false,
     }
 }
 
-/// Whether a connection's awareness update stays within the limits, judged
-/// before any of it is applied.
+/// Whether a peer's awareness update stays within the limits, judged before
+/// any of it is applied.
 fn check_awareness(
     owned: &HashSet<ClientID>,
     update: &AwarenessUpdate,
@@ -524,9 +663,10 @@ fn is_empty_update(update: &[u8]) -> bool {
     update == [0, 0]
 }
 
-async fn recv_remote(sub: &mut Option<Subscription>) -> Option<Remote> {
-    match sub {
-        Some(Subscription { rx: Some(rx), .. }) => rx.recv().await,
-        _ => std::future::pending().await,
+/// Sleeps until `deadline`, or forever without one (a disabled `select!` timer).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

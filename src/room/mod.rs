@@ -2,13 +2,23 @@
 //! [`actor`] task owns one document's `yrs` Doc and Awareness and is the only
 //! place they change.
 //!
-//! Everything reaches a room as a [`Command`] sent while holding the registry
-//! lock, and a room leaves the registry under that same lock only when its
-//! queue is empty, so a command can never land in a room that is going away.
-//! A new room loads before it reads its queue: clients joining a cold document
-//! at once wait for that one load (single flight).
+//! A room knows documents, not wire formats: it emits [`Outbound`] messages,
+//! which each peer's [`Framer`] turns into frames for its protocol, and it
+//! lets a peer go with a [`Leave`] reason, which the peer's session maps to
+//! whatever its protocol does then (a close code, a per-document message).
+//!
+//! Control commands (joins, API reads and writes) reach a room while the
+//! registry lock is held, and a room leaves the registry under that same lock
+//! only when its queue is empty, so such a command never lands in a room that
+//! is going away. Members' messages go straight to the room's queue: a room
+//! with members does not retire. A full queue makes senders wait, so a socket
+//! whose room cannot keep up stops being read and TCP slows its writer. A new
+//! room loads before it reads its queue: clients joining a cold document at
+//! once wait for that one load (single flight).
 
 mod actor;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,40 +27,104 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
+use yrs::sync::awareness::AwarenessUpdate;
 use yrs::{StateVector, Update};
 
-use crate::connection::Outbox;
 use crate::fanout::Fanout;
-use crate::protocol::Inbound;
 use crate::store::committer::Committer;
 use crate::store::Store;
+use crate::transport::Outbox;
 
-/// A command queue this deep means the room cannot keep up; joins are refused.
-const COMMAND_QUEUE: usize = 4096;
+/// Commands a room holds before senders wait. Small, so that what waits in a
+/// room's queue is milliseconds of work, not seconds.
+const COMMAND_QUEUE: usize = 256;
 
 pub type ConnId = u64;
 
-/// What a room needs from one client connection.
+/// What a room sends to a peer, before any protocol frames it.
+#[derive(Debug, Clone, Copy)]
+pub enum Outbound<'a> {
+    /// The room's state vector (encoded): the peer answers with what the room lacks.
+    SyncStep1(&'a [u8]),
+    /// What the peer lacks, answering its step 1 (a Yjs v1 update).
+    SyncStep2(&'a [u8]),
+    /// A document change (a Yjs v1 update).
+    Update(&'a [u8]),
+    /// An encoded awareness update.
+    Awareness(&'a [u8]),
+    /// An application message that is never stored.
+    Stateless(&'a str),
+    /// Whether the peer's document change is stored (`true`) or refused.
+    SyncStatus(bool),
+}
+
+/// How a peer's protocol puts room messages on its wire.
+pub trait Framer: Send + Sync {
+    /// The frame carrying `msg`, or `None` when the protocol has no such message.
+    fn frame(&self, msg: Outbound<'_>) -> Option<Bytes>;
+
+    /// Peers whose framers have equal keys receive identical frames, so a
+    /// broadcast encodes a message once per key in use.
+    fn key(&self) -> &[u8];
+}
+
+/// What a room needs from one peer (a document on a socket).
 pub struct Peer {
-    /// Frames for the client; full means a slow consumer (closed with 1013).
+    /// Frames for the socket; full means a slow consumer.
     pub outbox: Outbox,
-    /// Readers' document updates are dropped; their awareness is not.
+    pub framer: Arc<dyn Framer>,
+    /// Readers' document updates are refused; their awareness is not.
     pub can_write: bool,
+    /// Who the peer is (the token's `sub`), for the record of who changed what.
+    pub user: Option<Arc<str>>,
+}
+
+/// Why a room let a peer go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leave {
+    /// The peer's queue overflowed: it does not keep up.
+    SlowConsumer,
+    /// yrs refused an update the peer sent.
+    BadUpdate(String),
+    /// The peer's awareness went past the limits.
+    BadAwareness(&'static str),
+    /// Updates cannot be accepted now (too many wait for storage).
+    Overloaded(String),
+    /// The document broke in memory and is loaded again from the store.
+    Reloading,
+}
+
+/// A peer's message for its room, decoded and checked by its session.
+#[derive(Debug)]
+pub enum Inbound {
+    /// The peer's state vector: answer with the diff.
+    SyncStep1(StateVector),
+    /// Document changes (a sync step 2 or an update): the raw bytes for
+    /// broadcast and storage, and the decoded update.
+    Update {
+        raw: Bytes,
+        update: Update,
+    },
+    /// An awareness update: the encoded bytes and their decoding.
+    Awareness {
+        raw: Bytes,
+        update: AwarenessUpdate,
+    },
+    QueryAwareness,
+    Stateless(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RoomError {
     #[error("document storage is unavailable: {0}")]
     Unavailable(String),
-    #[error("document is overloaded; try again later")]
-    Busy,
     #[error("update could not be applied: {0}")]
     BadUpdate(String),
 }
 
 /// The document as a Yjs update, for the HTTP API.
 pub struct Snapshot {
-    pub update: Vec<u8>,
+    pub update: Bytes,
     /// False when the document holds nothing at all (never written).
     pub exists: bool,
 }
@@ -82,6 +156,7 @@ pub(crate) enum Command {
 pub(crate) struct Write {
     raw: Bytes,
     update: Update,
+    user: Option<Arc<str>>,
     /// Answered with a receiver that fires once the update is durable.
     reply: oneshot::Sender<Result<oneshot::Receiver<()>, RoomError>>,
 }
@@ -114,14 +189,15 @@ struct Entry {
     generation: u64,
 }
 
-/// A connection's membership of a room.
+/// A peer's membership of a room.
 pub struct Member {
     tx: mpsc::Sender<Command>,
     pub conn: ConnId,
 }
 
 impl Member {
-    /// Hands a decoded message to the room, waiting when its queue is full.
+    /// Hands a message to the room, waiting while its queue is full; false
+    /// when the room is gone.
     pub async fn send(&self, msg: Inbound) -> bool {
         self.tx
             .send(Command::Inbound {
@@ -157,22 +233,17 @@ impl Rooms {
         self.inner.rooms.lock().expect("rooms lock").len()
     }
 
-    /// Joins the document's room (loading it if needed); the room sends the
-    /// initial sync to `peer.outbox` before answering.
+    /// Joins the document's room (loading it if needed); the room sends its
+    /// step 1 and the awareness states to the peer before answering.
     pub async fn join(&self, doc: &str, peer: Peer) -> Result<Member, RoomError> {
         let conn = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
-        let tx = self
-            .dispatch(
-                doc,
-                true,
-                Command::Join {
-                    conn,
-                    peer: Box::new(peer),
-                    reply,
-                },
-            )?
-            .expect("spawned");
+        let cmd = Command::Join {
+            conn,
+            peer: Box::new(peer),
+            reply,
+        };
+        let tx = self.dispatch(doc, true, cmd).await?.expect("spawned");
         answer
             .await
             .map_err(|_| RoomError::Unavailable("room stopped".into()))??;
@@ -187,7 +258,7 @@ impl Rooms {
             since: Box::new(since.clone()),
             reply,
         };
-        match self.dispatch(doc, false, cmd)? {
+        match self.dispatch(doc, false, cmd).await? {
             Some(_) => answer
                 .await
                 .map_err(|_| RoomError::Unavailable("room stopped".into()))?,
@@ -196,10 +267,21 @@ impl Rooms {
     }
 
     /// Merges an update as if a client had sent it; resolves once it is durable.
-    pub async fn write(&self, doc: &str, raw: Bytes, update: Update) -> Result<(), RoomError> {
+    pub async fn write(
+        &self,
+        doc: &str,
+        raw: Bytes,
+        update: Update,
+        user: Option<Arc<str>>,
+    ) -> Result<(), RoomError> {
         let (reply, answer) = oneshot::channel();
-        let write = Box::new(Write { raw, update, reply });
-        self.dispatch(doc, true, Command::Write(write))?;
+        let write = Box::new(Write {
+            raw,
+            update,
+            user,
+            reply,
+        });
+        self.dispatch(doc, true, Command::Write(write)).await?;
         let durable = answer
             .await
             .map_err(|_| RoomError::Unavailable("room stopped".into()))??;
@@ -208,42 +290,68 @@ impl Rooms {
             .map_err(|_| RoomError::Unavailable("stopped before the update was stored".into()))
     }
 
-    /// Sends a command to the document's room under the registry lock,
-    /// spawning the room when `spawn` is set; `None` when it is not loaded
-    /// and not spawned (the command is dropped).
-    fn dispatch(
+    /// Queues a command for the document's room, spawning the room when
+    /// `spawn` is set; `None` when it is not loaded and not spawned (the
+    /// command is dropped). A full queue is waited on outside the registry
+    /// lock; the command then goes in under the lock, into the room that
+    /// is still registered, so it never lands in a room that retired.
+    async fn dispatch(
         &self,
         doc: &str,
         spawn: bool,
-        cmd: Command,
+        mut cmd: Command,
     ) -> Result<Option<mpsc::Sender<Command>>, RoomError> {
-        let mut rooms = self.inner.rooms.lock().expect("rooms lock");
-        let tx = match rooms.get(doc) {
-            Some(entry) => entry.tx.clone(),
-            None if spawn => {
-                let doc: Arc<str> = doc.into();
-                let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-                let generation = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                rooms.insert(
-                    doc.clone(),
-                    Entry {
-                        tx: tx.clone(),
-                        generation,
-                    },
-                );
-                let check = self
-                    .inner
-                    .suspect
-                    .lock()
-                    .expect("suspect lock")
-                    .remove(&doc);
-                actor::spawn(self.clone(), doc, generation, rx, check);
-                tx
+        loop {
+            let (tx, generation) = {
+                let mut rooms = self.inner.rooms.lock().expect("rooms lock");
+                let (tx, generation) = match rooms.get(doc) {
+                    Some(entry) => (entry.tx.clone(), entry.generation),
+                    None if spawn => self.spawn(&mut rooms, doc),
+                    None => return Ok(None),
+                };
+                match tx.try_send(cmd) {
+                    Ok(()) => return Ok(Some(tx)),
+                    Err(mpsc::error::TrySendError::Full(back)) => cmd = back,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return Err(RoomError::Unavailable("room stopped".into()))
+                    }
+                }
+                (tx, generation)
+            };
+            let Ok(permit) = tx.clone().reserve_owned().await else {
+                continue;
+            };
+            let rooms = self.inner.rooms.lock().expect("rooms lock");
+            if rooms.get(doc).is_some_and(|e| e.generation == generation) {
+                permit.send(cmd);
+                return Ok(Some(tx));
             }
-            None => return Ok(None),
-        };
-        tx.try_send(cmd).map_err(|_| RoomError::Busy)?;
-        Ok(Some(tx))
+        }
+    }
+
+    fn spawn(
+        &self,
+        rooms: &mut HashMap<Arc<str>, Entry>,
+        doc: &str,
+    ) -> (mpsc::Sender<Command>, u64) {
+        let doc: Arc<str> = doc.into();
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let generation = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        rooms.insert(
+            doc.clone(),
+            Entry {
+                tx: tx.clone(),
+                generation,
+            },
+        );
+        let check = self
+            .inner
+            .suspect
+            .lock()
+            .expect("suspect lock")
+            .remove(&doc);
+        actor::spawn(self.clone(), doc, generation, rx, check);
+        (tx, generation)
     }
 
     /// Marks a document whose state failed to encode, so that its next load

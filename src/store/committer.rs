@@ -5,10 +5,12 @@
 //! the previous one ends (cross-replica latency includes the commit: only
 //! stored updates are published). When a backlog builds up behind it, up to
 //! [`Store::concurrent_appends`] commits run at once, finishing in order.
+//! What happens once a batch is durable (publishing it, acknowledging it) is
+//! given to the committer: [`Hooks::durable`] and each update's [`Ack`].
 //!
-//! If the database fails, the batch is retried with backoff and readiness
-//! reports the error; accepted updates stay queued in memory up to a byte
-//! budget, past which [`Committer::submit`] refuses new ones.
+//! If the database fails, the batch is retried with backoff and
+//! [`Hooks::store_status`] hears of it; accepted updates stay queued in memory
+//! up to a byte budget, past which [`Committer::reserve`] refuses new ones.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,9 +21,33 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{NewUpdate, Store};
-use crate::fanout::Fanout;
-use crate::health::Health;
 use crate::metrics as m;
+
+/// Run once the update it was submitted with is durable.
+pub type Ack = Box<dyn FnOnce() + Send>;
+
+/// Called with each batch once it is durable, in commit order.
+pub type DurableHook = Box<dyn Fn(&[NewUpdate]) + Send + Sync>;
+
+/// Called when the store fails (with why) or answers again (`None`).
+pub type StatusHook = Box<dyn Fn(Option<String>) + Send + Sync>;
+
+/// What the committer tells the rest of the server.
+pub struct Hooks {
+    /// Publishes each durable batch to the other replicas.
+    pub durable: DurableHook,
+    pub store_status: StatusHook,
+}
+
+impl Hooks {
+    /// Hooks that do nothing: one node, and nobody to tell (tools, tests).
+    pub fn none() -> Self {
+        Self {
+            durable: Box::new(|_| {}),
+            store_status: Box::new(|_| {}),
+        }
+    }
+}
 
 const MAX_BATCH_ROWS: usize = 8192;
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
@@ -47,7 +73,7 @@ pub struct Overloaded;
 enum Item {
     Update {
         update: NewUpdate,
-        ack: Option<oneshot::Sender<()>>,
+        ack: Option<Ack>,
     },
     /// Answered once everything queued before it is durable.
     Flush(oneshot::Sender<()>),
@@ -60,7 +86,10 @@ enum Item {
     /// A room unloaded its document: stop tracking it.
     Forget(Arc<str>),
     /// A compaction finished, folding this many rows.
-    Compacted { doc: Arc<str>, entries: u64 },
+    Compacted {
+        doc: Arc<str>,
+        entries: u64,
+    },
 }
 
 #[derive(Clone)]
@@ -81,8 +110,7 @@ impl Committer {
     /// and the queue is drained.
     pub fn spawn(
         store: Arc<dyn Store>,
-        fanout: Arc<dyn Fanout>,
-        health: Arc<Health>,
+        hooks: Hooks,
         policy: CompactionPolicy,
         budget: usize,
     ) -> (Self, tokio::task::JoinHandle<()>) {
@@ -90,8 +118,7 @@ impl Committer {
         let pending_bytes = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             store,
-            fanout,
-            health,
+            hooks: Arc::new(hooks),
             policy,
             pending_bytes: pending_bytes.clone(),
             tx: tx.downgrade(),
@@ -152,9 +179,8 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Queues the update for the next group commit; with `ack`, the caller
-    /// hears when it is durable.
-    pub fn submit(mut self, update: NewUpdate, ack: Option<oneshot::Sender<()>>) {
+    /// Queues the update for the next group commit; `ack` runs once it is durable.
+    pub fn submit(mut self, update: NewUpdate, ack: Option<Ack>) {
         debug_assert_eq!(update.data.len(), self.len);
         let len = std::mem::take(&mut self.len);
         if let Err(mpsc::error::SendError(_)) = self.committer.tx.send(Item::Update { update, ack })
@@ -178,8 +204,7 @@ impl Drop for Reservation {
 
 struct Worker {
     store: Arc<dyn Store>,
-    fanout: Arc<dyn Fanout>,
-    health: Arc<Health>,
+    hooks: Arc<Hooks>,
     policy: CompactionPolicy,
     pending_bytes: Arc<AtomicUsize>,
     /// Weak, so the queue closes when the last `Committer` goes away.
@@ -192,7 +217,7 @@ struct Worker {
 #[derive(Default)]
 struct Batch {
     updates: Vec<NewUpdate>,
-    acks: Vec<oneshot::Sender<()>>,
+    acks: Vec<Ack>,
     bytes: usize,
 }
 
@@ -213,8 +238,8 @@ impl Worker {
                 || (in_flight.len() < max_in_flight && queue.len() >= OVERLAP_BACKLOG);
             if !queue.is_empty() && start {
                 let batch = self.take_batch(&mut queue);
-                let (store, health) = (self.store.clone(), self.health.clone());
-                in_flight.push_back(commit(store, health, batch));
+                let (store, hooks) = (self.store.clone(), self.hooks.clone());
+                in_flight.push_back(commit(store, hooks, batch));
                 continue;
             }
             if !open && queue.is_empty() && in_flight.is_empty() {
@@ -241,7 +266,9 @@ impl Worker {
                     batch.updates.push(update);
                     batch.acks.extend(ack);
                 }
-                Item::Flush(ack) => batch.acks.push(ack),
+                Item::Flush(done) => batch.acks.push(Box::new(move || {
+                    let _ = done.send(());
+                })),
                 Item::Loaded {
                     doc,
                     entries,
@@ -275,8 +302,8 @@ impl Worker {
         self.pending_bytes.fetch_sub(batch.bytes, Ordering::SeqCst);
         metrics::gauge!(m::PERSIST_PENDING_BYTES)
             .set(self.pending_bytes.load(Ordering::SeqCst) as f64);
+        (self.hooks.durable)(&batch.updates);
         for update in &batch.updates {
-            self.fanout.publish_update(&update.doc, update.data.clone());
             let log = self.logs.entry(update.doc.clone()).or_default();
             log.entries += 1;
             log.bytes += update.data.len() as u64;
@@ -286,7 +313,7 @@ impl Worker {
             self.maybe_compact(&doc);
         }
         for ack in batch.acks {
-            let _ = ack.send(());
+            ack();
         }
     }
 
@@ -323,27 +350,29 @@ impl Worker {
 }
 
 /// Appends until it succeeds: an accepted update is never dropped.
-async fn commit(store: Arc<dyn Store>, health: Arc<Health>, batch: Batch) -> Batch {
+async fn commit(store: Arc<dyn Store>, hooks: Arc<Hooks>, batch: Batch) -> Batch {
     if batch.updates.is_empty() {
         return batch;
     }
     let mut backoff = BACKOFF_START;
+    let mut failed = false;
     loop {
         let started = Instant::now();
         match store.append(&batch.updates).await {
             Ok(()) => {
                 metrics::histogram!(m::PERSIST_SECONDS).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::UPDATES_PERSISTED).increment(batch.updates.len() as u64);
-                if health.store_error().is_some() {
+                if failed {
                     tracing::info!("database answers again; queued updates stored");
-                    health.set_store_error(None);
+                    (hooks.store_status)(None);
                 }
                 return batch;
             }
             Err(error) => {
                 metrics::counter!(m::PERSIST_ERRORS).increment(1);
                 tracing::warn!(%error, rows = batch.updates.len(), retry_in = ?backoff, "group commit failed");
-                health.set_store_error(Some(format!("database write failed: {error}")));
+                (hooks.store_status)(Some(format!("database write failed: {error}")));
+                failed = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }

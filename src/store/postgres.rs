@@ -15,8 +15,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
-    fold, insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store,
-    StoreError, StoredDoc,
+    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError,
+    StoredDoc,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -150,7 +150,8 @@ impl Store for PostgresStore {
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
         let snapshot = snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?;
-        let (folded, compression) = pack_snapshot(&fold(snapshot.as_deref(), &updates)?);
+        let (folded, compression) =
+            pack_snapshot(&crate::doc::fold(snapshot.as_deref(), &updates)?);
         sqlx::query(
             "INSERT INTO document_snapshots (doc, data, compression) VALUES ($1, $2, $3)
              ON CONFLICT (doc) DO UPDATE

@@ -13,8 +13,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, Sqlite, SqlitePool};
 
 use super::{
-    fold, insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store,
-    StoreError, StoredDoc,
+    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError,
+    StoredDoc,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -111,7 +111,8 @@ impl Store for SqliteStore {
         let max_id: i64 = rows.last().map(|r| r.get(0)).unwrap_or_default();
         let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
         let snapshot = snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?;
-        let (folded, compression) = pack_snapshot(&fold(snapshot.as_deref(), &updates)?);
+        let (folded, compression) =
+            pack_snapshot(&crate::doc::fold(snapshot.as_deref(), &updates)?);
         sqlx::query(
             "INSERT INTO document_snapshots (doc, data, compression) VALUES (?, ?, ?)
              ON CONFLICT (doc) DO UPDATE

@@ -1,0 +1,417 @@
+//! One socket, after the upgrade: the read and write loop, the rate limit,
+//! the heartbeat, the write timeout, the close handshake and shutdown. What
+//! the frames mean is the [`Session`]'s business (one per protocol); what the
+//! rooms queue for the socket comes through its [`Outbox`].
+//!
+//! Reads go to the session one message at a time, and the session waits when
+//! its room's queue is full: the socket is then not read, and TCP slows the
+//! writer down. Writes are taken from the outbox in batches and flushed once
+//! per batch.
+
+mod close;
+mod outbox;
+mod upgrade;
+
+pub use close::Close;
+pub use outbox::{Next, Outbox, Overflow, Queued};
+pub use upgrade::{Upgrade, WsStream};
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use governor::{Quota, RateLimiter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Limits;
+use crate::metrics::{self as m, MessageKind};
+use crate::room::{ConnId, Leave};
+
+/// How long the close handshake waits for the peer's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// After refusing a message it cannot read (too big), how long and how much
+/// of the rest the server reads and drops so its close frame is not reset.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// Payloads above this go out as fragments: tungstenite copies each frame
+/// into a buffer it keeps, which would otherwise stay as large as the
+/// largest message the socket ever sent.
+const FRAGMENT: usize = 64 * 1024;
+/// Bytes tungstenite gathers before writing; a batch is flushed whole anyway.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// A protocol's side of one socket.
+pub trait Session: Send {
+    /// One binary message from the peer.
+    fn frame(&mut self, data: Bytes) -> impl Future<Output = Result<(), Close>> + Send;
+
+    /// A room let one of this socket's memberships go.
+    fn left(&mut self, conn: ConnId, why: Leave) -> impl Future<Output = Result<(), Close>> + Send;
+
+    /// When [`Session::expire`] must next be called (a token expiring, an
+    /// authentication deadline), if ever.
+    fn deadline(&self) -> Option<Instant>;
+
+    fn expire(&mut self) -> impl Future<Output = Result<(), Close>> + Send;
+
+    /// A frame to send on every heartbeat, for protocols whose peers time out
+    /// without application messages.
+    fn keepalive(&self) -> Option<Bytes> {
+        None
+    }
+
+    /// What a frame of this protocol is, for the message counters.
+    fn kind(frame: &[u8]) -> MessageKind;
+
+    /// For the log line of the socket's end: the document and the user.
+    fn describe(&self) -> (String, String);
+
+    /// The socket ended: leave every room.
+    fn finish(self) -> impl Future<Output = ()> + Send;
+}
+
+/// What every socket shares.
+pub struct Context {
+    pub limits: Arc<Limits>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Ticks at half the ping interval: one timer for every socket.
+    pub heartbeat: watch::Receiver<u64>,
+}
+
+impl Context {
+    /// The WebSocket settings of every socket.
+    pub fn websocket_config(&self) -> WebSocketConfig {
+        let limit = self.limits.max_message_bytes;
+        // The read buffer lives as long as the socket, and idle sockets are
+        // most of them: tungstenite reserves a large frame's whole length once
+        // its header is in, so this only caps how many small frames one read
+        // takes in (a typical update or awareness frame fits).
+        WebSocketConfig::default()
+            .read_buffer_size(128)
+            .write_buffer_size(WRITE_BUFFER)
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit))
+    }
+}
+
+/// Starts the heartbeat every socket listens to; it stops with `shutdown`.
+pub fn heartbeat(ping_interval: Duration, shutdown: CancellationToken) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0u64);
+    let half = (ping_interval / 2).max(Duration::from_millis(10));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(Instant::now() + half, half);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => tx.send_modify(|n| *n += 1),
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    rx
+}
+
+/// How the loop ended.
+enum End {
+    /// We close, with this code; `unreadable` when the peer's stream broke
+    /// mid-message (what it still sends must be drained raw).
+    Close { close: Close, unreadable: bool },
+    /// The peer is gone already.
+    PeerGone(&'static str),
+}
+
+impl From<Close> for End {
+    fn from(close: Close) -> Self {
+        End::Close {
+            close,
+            unreadable: false,
+        }
+    }
+}
+
+/// Serves one socket: `open` makes the session (joining its first room, or
+/// refusing the socket) with the socket's outbox, then the loop runs until the
+/// socket ends, and the end is logged and counted.
+pub async fn run<S, F, Fut>(mut ws: WsStream, ctx: Arc<Context>, open: F)
+where
+    S: Session,
+    F: FnOnce(Outbox) -> Fut,
+    Fut: Future<Output = Result<S, Close>>,
+{
+    let started = Instant::now();
+    m::connections(1.0);
+    let (outbox, mut queued) = Outbox::new(ctx.limits.outbox_capacity, ctx.limits.outbox_bytes);
+    // Boxed, as everything that runs once: only the loop's state should size
+    // the task every idle socket carries.
+    let (end, (doc, user)) = match Box::pin(open(outbox)).await {
+        Ok(mut session) => {
+            let end = serve(&mut ws, &mut session, &mut queued, &ctx).await;
+            if let End::Close { close, unreadable } = &end {
+                let late = close.accepts_late_frames().then_some(&mut session);
+                Box::pin(close_handshake(&mut ws, close, late, *unreadable, &ctx)).await;
+            }
+            let described = session.describe();
+            Box::pin(session.finish()).await;
+            (end, described)
+        }
+        Err(close) => {
+            Box::pin(close_handshake::<S>(&mut ws, &close, None, false, &ctx)).await;
+            (End::from(close), ("-".into(), "-".into()))
+        }
+    };
+    let (code, reason) = match &end {
+        End::Close { close, .. } => (Some(close.code()), close.reason()),
+        End::PeerGone(why) => (None, (*why).into()),
+    };
+    m::connections(-1.0);
+    let code_label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
+    metrics::counter!(m::CONNECTIONS_CLOSED, "code" => code_label).increment(1);
+    let duration = started.elapsed();
+    metrics::histogram!(m::CONNECTION_SECONDS).record(duration.as_secs_f64());
+    tracing::info!(
+        doc,
+        user,
+        duration_ms = duration.as_millis() as u64,
+        code = code.unwrap_or(0),
+        reason = %reason,
+        "connection closed"
+    );
+}
+
+async fn serve<S: Session>(
+    ws: &mut WsStream,
+    session: &mut S,
+    queued: &mut Queued,
+    ctx: &Context,
+) -> End {
+    let limits = &ctx.limits;
+    let quota =
+        Quota::per_second(NonZeroU32::new(limits.rate_limit_per_second.max(1)).expect("nonzero"))
+            .allow_burst(NonZeroU32::new(limits.rate_limit_burst.max(1)).expect("nonzero"));
+    let limiter = RateLimiter::direct(quota);
+    let mut heartbeat = ctx.heartbeat.clone();
+    let mut last_heard = Instant::now();
+    // Allocated only while the session has a deadline: an idle socket would
+    // otherwise carry a timer it never uses.
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+
+    loop {
+        match (session.deadline(), &mut timer) {
+            (None, t) => *t = None,
+            (Some(at), Some(t)) if t.deadline() == at => {}
+            (Some(at), Some(t)) => t.as_mut().reset(at),
+            (Some(at), t) => *t = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => return Close::ShuttingDown.into(),
+            _ = expired(&mut timer) => {
+                timer = None;
+                if let Err(close) = Box::pin(session.expire()).await {
+                    return close.into();
+                }
+            }
+            next = queued.next() => match next {
+                Next::Leave(conn, why) => {
+                    if let Err(close) = Box::pin(session.left(conn, why)).await {
+                        return close.into();
+                    }
+                }
+                Next::Frames(frames) => {
+                    if let Err(end) = Box::pin(write::<S>(ws, frames, limits)).await {
+                        return end;
+                    }
+                }
+                // Every handle is gone without a word: the room is gone (a
+                // reload after a broken document, or a bug), so reconnect.
+                Next::Gone => return Close::Reloading("document unloaded").into(),
+            },
+            beat = heartbeat.changed() => {
+                let Ok(()) = beat else { continue };
+                let beat = *heartbeat.borrow_and_update();
+                if let Some(frame) = session.keepalive() {
+                    let mut frames = VecDeque::new();
+                    frames.push_back(frame);
+                    if let Err(end) = Box::pin(write::<S>(ws, frames, limits)).await {
+                        return end;
+                    }
+                }
+                // A ping every other beat: every ping interval.
+                if beat.is_multiple_of(2) {
+                    if last_heard.elapsed() >= limits.pong_timeout {
+                        return Close::NoPong.into();
+                    }
+                    if let Err(end) = Box::pin(ping(ws, limits)).await {
+                        return end;
+                    }
+                }
+            }
+            msg = ws.next() => {
+                let msg = match msg {
+                    None => return End::PeerGone("peer closed"),
+                    Some(Err(error)) => return read_error(error),
+                    Some(Ok(msg)) => msg,
+                };
+                last_heard = Instant::now();
+                if limiter.check().is_err() {
+                    return Close::RateLimited.into();
+                }
+                match msg {
+                    Message::Binary(data) => {
+                        m::received(S::kind(&data), data.len());
+                        // Boxed: its future is large and only alive while a
+                        // message is handed over.
+                        if let Err(close) = Box::pin(session.frame(data)).await {
+                            return close.into();
+                        }
+                    }
+                    Message::Text(_) => {
+                        return Close::Protocol("text frames are not part of the protocol".into()).into();
+                    }
+                    Message::Close(_) => {
+                        // tungstenite queued the reply; send it before going.
+                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
+                        return End::PeerGone("peer closed");
+                    }
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Writes a batch of frames and flushes once. A peer that stops reading
+/// blocks the write once the socket's buffers are full, and the loop with it
+/// (a leave a room asks for meanwhile is handled after the write); after
+/// `pong_timeout` without progress the peer is dropped.
+async fn write<S: Session>(
+    ws: &mut WsStream,
+    frames: VecDeque<Bytes>,
+    limits: &Limits,
+) -> Result<(), End> {
+    let written = tokio::time::timeout(limits.pong_timeout, async {
+        for frame in frames {
+            m::sent(S::kind(&frame));
+            if frame.len() <= FRAGMENT {
+                ws.feed(Message::Binary(frame)).await?;
+                continue;
+            }
+            let mut rest = frame;
+            let mut opcode = OpCode::Data(Data::Binary);
+            while !rest.is_empty() {
+                let chunk = rest.split_to(rest.len().min(FRAGMENT));
+                let last = rest.is_empty();
+                ws.feed(Message::Frame(Frame::message(chunk, opcode, last)))
+                    .await?;
+                opcode = OpCode::Data(Data::Continue);
+            }
+        }
+        ws.flush().await
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::PeerGone("write failed")),
+        Err(_) => Err(End::PeerGone("write timed out")),
+    }
+}
+
+async fn ping(ws: &mut WsStream, limits: &Limits) -> Result<(), End> {
+    match tokio::time::timeout(limits.pong_timeout, ws.send(Message::Ping(Bytes::new()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::PeerGone("write failed")),
+        Err(_) => Err(End::PeerGone("write timed out")),
+    }
+}
+
+async fn expired(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn read_error(error: WsError) -> End {
+    match error {
+        WsError::Capacity(_) => End::Close {
+            close: Close::TooBig,
+            unreadable: true,
+        },
+        WsError::Protocol(e) => End::Close {
+            close: Close::Protocol(format!("websocket protocol error: {e}")),
+            unreadable: true,
+        },
+        _ => End::PeerGone("read failed"),
+    }
+}
+
+/// Sends the close frame, then reads until the peer's close arrives (at most
+/// a second), so the code reaches a peer that is still sending. What the peer
+/// sent meanwhile is dropped, unless `late` names the session to hand it to.
+/// A stream that broke mid-message is read raw and dropped instead, bounded
+/// in bytes and time, until the peer closes its side: closing with unread
+/// bytes would make the kernel reset the connection, and the close frame
+/// would be lost with it.
+async fn close_handshake<S: Session>(
+    ws: &mut WsStream,
+    close: &Close,
+    mut late: Option<&mut S>,
+    unreadable: bool,
+    ctx: &Context,
+) {
+    let frame = CloseFrame {
+        code: close.code().into(),
+        reason: close.reason().into_owned().into(),
+    };
+    let deadline = Instant::now() + CLOSE_WAIT;
+    // A peer that is not reading would block this send for ever.
+    if !matches!(
+        tokio::time::timeout_at(deadline, ws.send(Message::Close(Some(frame)))).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    if unreadable {
+        return drain(ws, 2 * ctx.limits.max_message_bytes + (1 << 20)).await;
+    }
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(data)))) => {
+                if let Some(session) = late.as_deref_mut() {
+                    let _ = session.frame(data).await;
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => return,
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_))) => {
+                return drain(ws, 2 * ctx.limits.max_message_bytes + (1 << 20)).await;
+            }
+        }
+    }
+}
+
+/// Reads and drops what the peer still sends, until it closes its side or
+/// `max_bytes` or [`DRAIN_TIME`] run out, then closes ours.
+async fn drain(ws: &mut WsStream, max_bytes: usize) {
+    let io = ws.get_mut();
+    let deadline = Instant::now() + DRAIN_TIME;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0;
+    while total < max_bytes {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => total += n,
+            _ => break,
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, io.shutdown()).await;
+}
