@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use concord::store::committer::{Committer, CompactionPolicy, Hooks};
+use concord::store::committer::{Committer, CompactionPolicy, Hooks, Settings};
 use concord::store::{self, NewUpdate, Store};
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, ReadTxn, Text, Transact};
@@ -89,7 +89,12 @@ async fn persisted_per_second(store: Arc<dyn Store>, n: usize) -> f64 {
         max_entries: u64::MAX,
         max_bytes: u64::MAX,
     };
-    let (committer, _task) = Committer::spawn(store, Hooks::none(), policy, usize::MAX / 2);
+    let settings = Settings {
+        compaction: policy,
+        budget: usize::MAX / 2,
+        interval: Duration::ZERO,
+    };
+    let (committer, _task) = Committer::spawn(store, Hooks::none(), settings);
     let per_doc = typing(n / DOCS);
     let docs: Vec<Arc<str>> = (0..DOCS)
         .map(|d| format!("persist-{}-{d}", std::process::id()).into())

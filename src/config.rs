@@ -160,6 +160,12 @@ pub struct Limits {
     #[arg(long, env = "CONCORD_PERSIST_BUDGET_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub persist_budget_bytes: usize,
 
+    /// Least time between the starts of two group commits (default: 2ms on
+    /// SQLite, whose every commit flushes the local disk; 0 on PostgreSQL,
+    /// where each commit is a round trip that cross-replica delivery waits for).
+    #[arg(long, env = "CONCORD_COMMIT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub commit_interval: Option<Duration>,
+
     /// Fold a document's update log into its snapshot past this many entries…
     #[arg(long, env = "CONCORD_COMPACT_AFTER_UPDATES", default_value_t = 1000)]
     pub compact_after_updates: u64,
@@ -213,6 +219,14 @@ impl ServeArgs {
 
     pub fn auto_migrate(&self) -> bool {
         self.auto_migrate.unwrap_or(!self.is_postgres())
+    }
+
+    pub fn commit_interval(&self) -> Duration {
+        let default = match self.is_postgres() {
+            true => Duration::ZERO,
+            false => Duration::from_millis(2),
+        };
+        self.limits.commit_interval.unwrap_or(default)
     }
 }
 

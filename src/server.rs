@@ -18,7 +18,7 @@ use crate::fanout::{Fanout, Published};
 use crate::health::Health;
 use crate::http::{self, AppState, ClientAddrs};
 use crate::room::{RoomContext, Rooms};
-use crate::store::committer::{Committer, CompactionPolicy, Hooks};
+use crate::store::committer::{Committer, CompactionPolicy, Hooks, Settings};
 use crate::store::{self, StoreError};
 use crate::transport;
 
@@ -86,11 +86,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (committer, commit_task) = Committer::spawn(
         store.clone(),
         hooks,
-        CompactionPolicy {
-            max_entries: limits.compact_after_updates,
-            max_bytes: limits.compact_after_bytes,
+        Settings {
+            compaction: CompactionPolicy {
+                max_entries: limits.compact_after_updates,
+                max_bytes: limits.compact_after_bytes,
+            },
+            budget: limits.persist_budget_bytes,
+            interval: args.commit_interval(),
         },
-        limits.persist_budget_bytes,
     );
     let rooms = Rooms::new(RoomContext {
         store: store.clone(),

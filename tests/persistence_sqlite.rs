@@ -143,7 +143,7 @@ async fn health_and_readiness() {
 /// Updates past one group commit's byte limit go into the next commit; none is dropped.
 #[tokio::test]
 async fn group_commit_splits_large_batches_without_dropping_any() {
-    use concord::store::committer::{Committer, CompactionPolicy, Hooks};
+    use concord::store::committer::{Committer, CompactionPolicy, Hooks, Settings};
     use concord::store::{self, NewUpdate};
     use std::sync::Arc;
     use yrs::{Doc, ReadTxn, Text, Transact};
@@ -154,11 +154,14 @@ async fn group_commit_splits_large_batches_without_dropping_any() {
     let (committer, _task) = Committer::spawn(
         store.clone(),
         Hooks::none(),
-        CompactionPolicy {
-            max_entries: u64::MAX,
-            max_bytes: u64::MAX,
+        Settings {
+            compaction: CompactionPolicy {
+                max_entries: u64::MAX,
+                max_bytes: u64::MAX,
+            },
+            budget: usize::MAX / 2,
+            interval: std::time::Duration::ZERO,
         },
-        usize::MAX / 2,
     );
     let doc: Arc<str> = unique("big-batches").into();
     let ydoc = Doc::new();

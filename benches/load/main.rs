@@ -12,7 +12,8 @@
 //!   S3 (5,000 idle sockets: memory per socket);
 //! - `s2`: one room × 500 clients, one writer at 20/s;
 //! - `s4`: 20 rooms × 5 clients, all writing, a sweep of offered rates until
-//!   one is not sustained, then one at twice the highest sustained;
+//!   one is not sustained, then one at twice the highest sustained
+//!   (`--steps 80000,160000` runs those rates instead);
 //! - `storm`: 150 clients open a cold 4 MB document at once;
 //! - `growth`: server CPU per append as the document grows to 1 M characters;
 //! - `cross`: writers on one replica, readers on another (PostgreSQL + Redis),
@@ -47,6 +48,8 @@ const ALL: &[Target] = &[
 
 struct Args {
     quick: bool,
+    /// S4's offered rates, when given (`--steps 80000,160000`).
+    steps: Option<Vec<f64>>,
     rounds: usize,
     targets: Vec<Target>,
     command: String,
@@ -89,6 +92,11 @@ fn main() {
     };
     let args = Args {
         quick: argv.iter().any(|a| a == "--quick"),
+        steps: value("--steps").map(|list| {
+            list.split(',')
+                .map(|n| n.parse().expect("--steps N,N"))
+                .collect()
+        }),
         rounds: value("--rounds").map_or(1, |n| n.parse().expect("--rounds N")),
         targets,
         command: format!("benches/run {}", argv.join(" ")).trim().to_string(),
@@ -260,6 +268,7 @@ async fn s4(args: &Args) -> String {
             ],
         )
     };
+    let steps = args.steps.as_deref().unwrap_or(steps);
     let mut report = heading(
         "S4: every client writes, a sweep",
         args,

@@ -14,7 +14,7 @@ use yrs::{ClientID, Doc, GetString, StateVector, Text, Transact, Update};
 
 use super::*;
 use crate::fanout::local::LocalFanout;
-use crate::store::committer::{CompactionPolicy, Hooks};
+use crate::store::committer::{CompactionPolicy, Hooks, Settings};
 use crate::store::{NewUpdate, StoreError, StoredDoc};
 use crate::transport::{Outbox, Queued};
 
@@ -109,6 +109,10 @@ struct World {
 }
 
 async fn world(budget: usize) -> World {
+    world_with(budget, Duration::ZERO).await
+}
+
+async fn world_with(budget: usize, interval: Duration) -> World {
     static N: AtomicUsize = AtomicUsize::new(0);
     let url = format!(
         "sqlite:file:concord-room-test-{}-{}?mode=memory&cache=shared",
@@ -134,7 +138,12 @@ async fn world(budget: usize) -> World {
         max_entries: 1000,
         max_bytes: 1 << 30,
     };
-    let (committer, _task) = Committer::spawn(store.clone(), hooks, policy, budget);
+    let settings = Settings {
+        compaction: policy,
+        budget,
+        interval,
+    };
+    let (committer, _task) = Committer::spawn(store.clone(), hooks, settings);
     let rooms = Rooms::new(RoomContext {
         store: store.clone(),
         committer: committer.clone(),
@@ -464,6 +473,22 @@ async fn the_committer_publishes_in_order_and_flush_waits_for_everything() {
     let updates: Vec<Vec<u8>> = durable.iter().map(|u| u.data.to_vec()).collect();
     assert_eq!(text_of(&updates), "z".repeat(200));
     assert_eq!(w.store.load("d").await.unwrap().updates.len(), 200);
+}
+
+#[tokio::test]
+async fn a_flush_does_not_wait_out_the_commit_interval() {
+    let w = world_with(1 << 30, Duration::from_secs(3600)).await;
+    let client = Doc::new();
+    let a = TestPeer::join(&w, "d", "k", false, true).await;
+    for round in 0..2u32 {
+        for i in 0..10 {
+            a.send(insert(&client, round * 10 + i, "z")).await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), w.committer.flush())
+            .await
+            .expect("the flush is not held back by the interval");
+        assert_eq!(w.durable.lock().unwrap().len(), (round as usize + 1) * 10);
+    }
 }
 
 impl TestPeer {

@@ -66,6 +66,20 @@ pub struct CompactionPolicy {
     pub max_bytes: u64,
 }
 
+/// How the committer batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub compaction: CompactionPolicy,
+    /// Bytes of accepted, unstored updates held before new ones are refused.
+    pub budget: usize,
+    /// The least time between the starts of two group commits: what arrives
+    /// meanwhile joins the next one. Zero starts a commit as soon as the
+    /// previous one ends. A durable commit costs a disk flush whatever it
+    /// holds, so at a steady trickle of updates a short interval turns many
+    /// one-row commits into a few larger ones.
+    pub interval: Duration,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("too many updates are waiting for the database; try again later")]
 pub struct Overloaded;
@@ -111,15 +125,20 @@ impl Committer {
     pub fn spawn(
         store: Arc<dyn Store>,
         hooks: Hooks,
-        policy: CompactionPolicy,
-        budget: usize,
+        settings: Settings,
     ) -> (Self, tokio::task::JoinHandle<()>) {
+        let Settings {
+            compaction: policy,
+            budget,
+            interval,
+        } = settings;
         let (tx, rx) = mpsc::unbounded_channel();
         let pending_bytes = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             store,
             hooks: Arc::new(hooks),
             policy,
+            interval,
             pending_bytes: pending_bytes.clone(),
             tx: tx.downgrade(),
             logs: HashMap::new(),
@@ -206,6 +225,7 @@ struct Worker {
     store: Arc<dyn Store>,
     hooks: Arc<Hooks>,
     policy: CompactionPolicy,
+    interval: Duration,
     pending_bytes: Arc<AtomicUsize>,
     /// Weak, so the queue closes when the last `Committer` goes away.
     tx: mpsc::WeakUnboundedSender<Item>,
@@ -230,14 +250,22 @@ impl Worker {
         let mut queue = VecDeque::new();
         let mut received = Vec::new();
         let mut open = true;
+        // The next commit does not start before this, unless it is urgent.
+        let mut earliest = tokio::time::Instant::now();
+        // Flushes queued: someone waits (an unload, the shutdown), so the
+        // next commit is urgent.
+        let mut flushes = 0usize;
         loop {
             while let Ok(item) = rx.try_recv() {
+                flushes += matches!(item, Item::Flush(_)) as usize;
                 queue.push_back(item);
             }
-            let start = in_flight.is_empty()
+            let due = flushes > 0 || !open || tokio::time::Instant::now() >= earliest;
+            let start = (in_flight.is_empty() && due)
                 || (in_flight.len() < max_in_flight && queue.len() >= OVERLAP_BACKLOG);
             if !queue.is_empty() && start {
-                let batch = self.take_batch(&mut queue);
+                earliest = tokio::time::Instant::now() + self.interval;
+                let batch = self.take_batch(&mut queue, &mut flushes);
                 let (store, hooks) = (self.store.clone(), self.hooks.clone());
                 in_flight.push_back(commit(store, hooks, batch));
                 continue;
@@ -245,19 +273,22 @@ impl Worker {
             if !open && queue.is_empty() && in_flight.is_empty() {
                 return;
             }
+            let waiting = !queue.is_empty() && in_flight.is_empty();
             tokio::select! {
                 Some(batch) = in_flight.next() => self.committed(batch),
                 n = rx.recv_many(&mut received, MAX_BATCH_ROWS), if open => {
                     open = n > 0;
+                    flushes += received.iter().filter(|i| matches!(i, Item::Flush(_))).count();
                     queue.extend(received.drain(..));
                 }
+                _ = tokio::time::sleep_until(earliest), if waiting => {}
             }
         }
     }
 
     /// Takes the next batch off the queue, acting on the bookkeeping items
     /// met on the way.
-    fn take_batch(&mut self, queue: &mut VecDeque<Item>) -> Batch {
+    fn take_batch(&mut self, queue: &mut VecDeque<Item>, flushes: &mut usize) -> Batch {
         let mut batch = Batch::default();
         while let Some(item) = queue.pop_front() {
             match item {
@@ -266,9 +297,12 @@ impl Worker {
                     batch.updates.push(update);
                     batch.acks.extend(ack);
                 }
-                Item::Flush(done) => batch.acks.push(Box::new(move || {
-                    let _ = done.send(());
-                })),
+                Item::Flush(done) => {
+                    *flushes -= 1;
+                    batch.acks.push(Box::new(move || {
+                        let _ = done.send(());
+                    }))
+                }
                 Item::Loaded {
                     doc,
                     entries,
