@@ -500,3 +500,35 @@ async fn tokens_never_reach_the_logs() {
     assert!(!logs.contains(signature), "a token reached the logs");
     assert!(!logs.contains(SECRET), "the secret reached the logs");
 }
+
+#[tokio::test]
+async fn hocuspocus_expiry_denies_that_document_and_the_socket_goes_on() {
+    use common::hocuspocus::*;
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = secured(&dir);
+    let (short, long) = (unique("hp-expiring"), unique("hp-lasting"));
+    let mut ws = open(&server).await;
+    let expiring = hs256(json!({ "exp": now() + 2, "docs": { "*": "write" } }));
+    let lasting = hs256(grant(json!({ "*": "write" })));
+    for f in [auth(&short, &expiring), auth(&long, &lasting)] {
+        ws.send(WsMessage::Binary(f.into())).await.unwrap();
+    }
+    // 2 = auth; 2 = authenticated, 1 = permission-denied, then the reason.
+    assert_eq!(next_of(&mut ws, &short, AUTH).await[0], 2);
+    assert_eq!(next_of(&mut ws, &long, AUTH).await[0], 2);
+    let denied = next_of(&mut ws, &short, AUTH).await;
+    assert_eq!(denied[0], 1, "permission-denied once the token expires");
+
+    // The other document is still served on the same socket.
+    ws.send(WsMessage::Binary(frame(&long, STATELESS, b"\x02hi").into()))
+        .await
+        .unwrap();
+    ws.send(WsMessage::Binary(step1(&long).into()))
+        .await
+        .unwrap();
+    let reply = next_of(&mut ws, &long, SYNC).await;
+    assert_eq!(reply[0], 1, "a step 2 answers the step 1");
+}

@@ -22,15 +22,10 @@ async fn survives(server: &Server, attack: Vec<Vec<u8>>, want: u16) {
 }
 
 async fn survives_within(server: &Server, attack: Vec<Vec<u8>>, want: u16, max_growth_kib: u64) {
-    let doc = unique("hostile");
-    let mut writer = Client::connect(&server.ws_url(&doc)).await;
-    writer.insert("t", 0, "intact").await;
-    let mut bystander = Client::connect(&server.ws_url(&doc)).await;
-    bystander.wait_text("t", "intact").await;
-
+    let witness = Witness::new(server).await;
     let (rss_before, _) = server.rss_kib();
     let first: Vec<u8> = attack.iter().flatten().take(12).copied().collect();
-    let mut attacker = Client::connect(&server.ws_url(&doc)).await;
+    let mut attacker = Client::connect(&server.ws_url(&witness.doc)).await;
     for frame in attack {
         attacker.send_raw(frame).await;
     }
@@ -41,15 +36,7 @@ async fn survives_within(server: &Server, attack: Vec<Vec<u8>>, want: u16, max_g
         rss_after.saturating_sub(rss_before) < max_growth_kib,
         "resident memory grew from {rss_before} to {rss_after} KiB on {first:?}"
     );
-
-    // The room goes on: the bystander still gets edits, and nothing of the
-    // bad message was applied or stored.
-    writer.insert("t", 6, "!").await;
-    bystander.wait_text("t", "intact!").await;
-    let fresh = Client::connect(&server.ws_url(&doc)).await;
-    assert_eq!(fresh.text("t"), "intact!");
-    let stored = fetch_doc(server, &doc).await.unwrap();
-    assert_eq!(text_of(&stored, "t"), "intact!");
+    witness.check_intact(server).await;
 }
 
 #[tokio::test]
@@ -219,15 +206,11 @@ async fn updates_that_repeat_an_id_are_integrated_once() {
 async fn oversized_message_closes_with_1009() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::sqlite(&dir).start();
-    let doc = unique("oversized");
-    let mut writer = Client::connect(&server.ws_url(&doc)).await;
-    writer.insert("t", 0, "intact").await;
-    let mut bystander = Client::connect(&server.ws_url(&doc)).await;
-    bystander.wait_text("t", "intact").await;
+    let witness = Witness::new(&server).await;
 
     // Send and read at once, as a browser does: the server refuses the frame
     // from its header and closes while the payload is still arriving.
-    let attacker = Client::connect(&server.ws_url(&doc)).await;
+    let attacker = Client::connect(&server.ws_url(&witness.doc)).await;
     let (mut sink, mut stream) = futures::StreamExt::split(attacker.ws);
     let mut frame = vec![0, 2];
     frame.extend(std::iter::repeat_n(0u8, 17 * 1024 * 1024));
@@ -253,10 +236,7 @@ async fn oversized_message_closes_with_1009() {
     sender.abort();
     assert_eq!(code, Some(1009));
 
-    writer.insert("t", 6, "!").await;
-    bystander.wait_text("t", "intact!").await;
-    let stored = fetch_doc(&server, &doc).await.unwrap();
-    assert_eq!(text_of(&stored, "t"), "intact!");
+    witness.check_intact(&server).await;
 }
 
 #[tokio::test]

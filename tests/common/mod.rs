@@ -3,6 +3,8 @@
 //! Every wait is bounded; a missing service fails the test, never skips it.
 #![allow(dead_code)]
 
+pub mod hocuspocus;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -676,4 +678,38 @@ pub fn client_id(id: u64) -> ClientID {
 
 pub fn tmp_path() -> PathBuf {
     std::env::temp_dir()
+}
+
+/// A document with content and a second client, for bad-input tests: what
+/// an attacker sends must leave both, and what is stored, intact.
+pub struct Witness {
+    pub doc: String,
+    writer: Client,
+    bystander: Client,
+}
+
+impl Witness {
+    pub async fn new(server: &Server) -> Witness {
+        let doc = unique("hostile");
+        let mut writer = Client::connect(&server.ws_url(&doc)).await;
+        writer.insert("t", 0, "intact").await;
+        let mut bystander = Client::connect(&server.ws_url(&doc)).await;
+        bystander.wait_text("t", "intact").await;
+        Witness {
+            doc,
+            writer,
+            bystander,
+        }
+    }
+
+    /// The room goes on: the bystander still gets edits, and nothing of the
+    /// attack was applied or stored.
+    pub async fn check_intact(mut self, server: &Server) {
+        self.writer.insert("t", 6, "!").await;
+        self.bystander.wait_text("t", "intact!").await;
+        let fresh = Client::connect(&server.ws_url(&self.doc)).await;
+        assert_eq!(fresh.text("t"), "intact!");
+        let stored = fetch_doc(server, &self.doc).await.unwrap();
+        assert_eq!(text_of(&stored, "t"), "intact!");
+    }
 }

@@ -9,16 +9,22 @@ import { createInterface } from 'node:readline'
 import WebSocket from 'ws'
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
+import { HocuspocusProvider, HocuspocusProviderWebsocket } from '@hocuspocus/provider'
+import { HocuspocusProvider as HocuspocusProviderV3 } from 'hocuspocus-provider-v3'
+import { createHmac } from 'node:crypto'
 
 const here = dirname(fileURLToPath(import.meta.url))
 export const BIN = process.env.CONCORD_BIN ?? join(here, '..', '..', 'target', 'debug', 'concord')
 
 let counter = 0
+/** A fresh SQLite database URL, so a server can be restarted on the same file. */
+export const freshSqlite = () => `sqlite://${join(mkdtempSync(join(tmpdir(), 'concord-interop-')), 'concord.db')}`
+
 export const uniqueDoc = (prefix) => `${prefix}-${process.pid}-${Date.now()}-${counter++}`
 
 /** Starts `concord serve` on a free port; resolves once it listens. */
 export async function startServer ({ databaseUrl, env = {}, args = [] } = {}) {
-  const db = databaseUrl ?? `sqlite://${join(mkdtempSync(join(tmpdir(), 'concord-interop-')), 'concord.db')}`
+  const db = databaseUrl ?? freshSqlite()
   const childEnv = { ...process.env, RUST_LOG: 'warn', ...env }
   for (const key of ['CONCORD_JWT_SECRET', 'REDIS_URL', 'DATABASE_URL']) {
     if (!(key in env)) delete childEnv[key]
@@ -38,6 +44,7 @@ export async function startServer ({ databaseUrl, env = {}, args = [] } = {}) {
   return {
     child,
     url: `ws://${addr}/ws`,
+    hocuspocus: `ws://${addr}/hocuspocus`,
     http: `http://${addr}`,
     stop: () => new Promise((resolve) => {
       if (child.exitCode !== null) return resolve()
@@ -81,6 +88,39 @@ export function until (pred, what = 'condition', ms = 15000) {
 }
 
 export const synced = (p) => until(() => p.synced, 'sync')
+
+/**
+ * An unmodified HocuspocusProvider (v4, or v3 with `v3: true`) on the
+ * server's `/hocuspocus`, or on a shared `websocketProvider`.
+ */
+export function hocuspocus (server, name, { v3 = false, ...opts } = {}) {
+  const Provider = v3 ? HocuspocusProviderV3 : HocuspocusProvider
+  const socket = opts.websocketProvider ? {} : { url: server.hocuspocus, WebSocketPolyfill: WebSocket }
+  const p = new Provider({ name, ...socket, ...opts })
+  // A provider on a shared socket must be attached to it to send anything.
+  if (opts.websocketProvider) p.attach()
+  return p
+}
+
+/** One socket that several HocuspocusProviders share. */
+export const hocuspocusSocket = (server) =>
+  new HocuspocusProviderWebsocket({ url: server.hocuspocus, WebSocketPolyfill: WebSocket })
+
+/** An HS256 JWT with the SPEC's claims, signed with `secret`. */
+export function token (secret, claims) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url')
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ exp: Math.floor(Date.now() / 1000) + 3600, ...claims })}`
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`
+}
+
+/** The document's stored state, read over HTTP into a fresh Y.Doc. */
+export async function readOverHttp (server, doc, headers = {}) {
+  const res = await fetch(`${server.http}/api/docs/${doc}`, { headers })
+  if (!res.ok) throw new Error(`GET ${doc}: ${res.status} ${await res.text()}`)
+  const ydoc = new Y.Doc()
+  Y.applyUpdate(ydoc, new Uint8Array(await res.arrayBuffer()))
+  return ydoc
+}
 
 export function destroyAll (...providers) {
   for (const p of providers) p.destroy()
