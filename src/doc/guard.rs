@@ -85,3 +85,51 @@ pub fn trial(update: Update) -> Result<(), ApplyError> {
     discard(scratch);
     encoded
 }
+
+#[cfg(test)]
+mod tests {
+    use yrs::updates::decoder::Decode;
+    use yrs::{GetString, OffsetKind, Options, Text};
+
+    use super::*;
+
+    /// The patched slicing (vendor/yrs/PATCHED.md) against a model: inserts
+    /// at every UTF-16 offset of a squashed text mixing ASCII, two- and
+    /// three-byte chars and surrogate pairs, each encoded and applied to a
+    /// second document, as a room's check and a client's sync do.
+    #[test]
+    fn splitting_long_texts_at_utf16_offsets_matches_a_model() {
+        let utf16 = || {
+            Doc::with_options(Options {
+                offset_kind: OffsetKind::Utf16,
+                ..Options::default()
+            })
+        };
+        for base in ["plain ascii text", "é€ mixed 😀 text ✓", "😀😀😀"] {
+            let len16 = base.encode_utf16().count() as u32;
+            for at in 0..=len16 {
+                let (doc, mirror) = (utf16(), utf16());
+                let text = doc.get_or_insert_text("t");
+                for chunk in base.split_inclusive(' ') {
+                    let mut txn = doc.transact_mut();
+                    let end = text.len(&txn);
+                    text.insert(&mut txn, end, chunk);
+                }
+                let before = doc.transact().state_vector();
+                text.insert(&mut doc.transact_mut(), at, "|");
+                let added = doc.transact().encode_blocks_since_v1(&before);
+                let update = Update::decode_v1(&encode_state(&doc).unwrap()).unwrap();
+                apply_all(&mirror, vec![update]).unwrap();
+
+                let mut units: Vec<u16> = base.encode_utf16().collect();
+                units.insert(at as usize, '|' as u16);
+                let want = String::from_utf16_lossy(&units);
+                let got = text.get_string(&doc.transact());
+                assert_eq!(got, want, "insert at {at} of {base:?}");
+                let mirrored = mirror.get_or_insert_text("t");
+                assert_eq!(mirrored.get_string(&mirror.transact()), want);
+                assert!(Update::decode_v1(&added).is_ok());
+            }
+        }
+    }
+}

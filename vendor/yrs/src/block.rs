@@ -1737,6 +1737,10 @@ pub(crate) fn utf16_to_byte(s: &str, offset: usize, len16: usize) -> Option<usiz
     if offset > len16 {
         return None;
     }
+    // As many bytes as UTF-16 units only when every char is ASCII.
+    if s.len() == len16 {
+        return Some(offset);
+    }
     if offset <= len16 / 2 {
         let (mut units, mut bytes) = (0, 0);
         for c in s.chars() {
