@@ -94,6 +94,42 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: Limits,
+
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+}
+
+#[derive(Clone, Args)]
+pub struct WebhookArgs {
+    /// URLs that receive document events (comma-separated; several allowed).
+    #[arg(
+        long = "webhook-url",
+        env = "CONCORD_WEBHOOK_URL",
+        value_delimiter = ','
+    )]
+    pub webhook_urls: Vec<String>,
+
+    /// Key of the HMAC-SHA256 signature every webhook carries; required with a URL.
+    #[arg(long, env = "CONCORD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// How long a receiver has to answer before the attempt counts as failed.
+    #[arg(long, env = "CONCORD_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub webhook_timeout: Duration,
+}
+
+/// The secret signs bodies: it never reaches a log, even through `{:?}`.
+impl std::fmt::Debug for WebhookArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookArgs")
+            .field("webhook_urls", &self.webhook_urls.len())
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("webhook_timeout", &self.webhook_timeout)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -25,6 +25,12 @@ pub const STORE_LOADS: &str = "concord_store_loads_total";
 pub const COMPACTIONS: &str = "concord_compactions_total";
 pub const FANOUT_ERRORS: &str = "concord_fanout_errors_total";
 pub const FANOUT_LAG_SECONDS: &str = "concord_fanout_lag_seconds";
+pub const WEBHOOK_DELIVERIES: &str = "concord_webhook_deliveries_total";
+pub const WEBHOOK_EVENTS_PENDING: &str = "concord_webhook_events_pending";
+pub const WEBHOOK_OLDEST_PENDING_SECONDS: &str = "concord_webhook_oldest_pending_seconds";
+
+/// The `outcome` label of [`WEBHOOK_DELIVERIES`].
+pub const WEBHOOK_OUTCOMES: &[&str] = &["delivered", "failed", "dropped"];
 
 /// The `type` label of the message counters: every kind either protocol has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +167,13 @@ pub fn install(replica: &str) -> anyhow::Result<PrometheusHandle> {
 }
 
 fn register_all() {
-    for gauge in [CONNECTIONS, DOCUMENTS_LOADED, PERSIST_PENDING_BYTES] {
+    for gauge in [
+        CONNECTIONS,
+        DOCUMENTS_LOADED,
+        PERSIST_PENDING_BYTES,
+        WEBHOOK_EVENTS_PENDING,
+        WEBHOOK_OLDEST_PENDING_SECONDS,
+    ] {
         metrics::gauge!(gauge).set(0.0);
     }
     for counter in [
@@ -176,6 +188,9 @@ fn register_all() {
     for kind in MessageKind::ALL {
         metrics::counter!(MESSAGES_RECEIVED, "type" => kind.label()).absolute(0);
         metrics::counter!(MESSAGES_SENT, "type" => kind.label()).absolute(0);
+    }
+    for outcome in WEBHOOK_OUTCOMES {
+        metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => *outcome).absolute(0);
     }
     for reason in REJECT_REASONS {
         metrics::counter!(CONNECTIONS_REJECTED, "reason" => *reason).absolute(0);

@@ -21,6 +21,7 @@ use crate::room::{RoomContext, Rooms};
 use crate::store::committer::{Committer, CompactionPolicy, Hooks, Settings};
 use crate::store::{self, StoreError};
 use crate::transport;
+use crate::webhooks::Webhooks;
 
 /// The whole shutdown, from signal to exit.
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(10);
@@ -33,6 +34,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()))
         .into();
+    // Refused before anything starts: a bad URL or a missing secret.
+    let webhooks = Webhooks::from_args(&args.webhooks)?;
     let metrics = crate::metrics::install(&replica)?;
     let database = redact_url(&args.db.database_url);
 
@@ -109,6 +112,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let shutdown = CancellationToken::new();
+    let webhook_task = match webhooks {
+        Some(webhooks) => Some(crate::webhooks::spawn(
+            store.clone(),
+            webhooks,
+            replica.clone(),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
     let connections = TaskTracker::new();
     let transport = Arc::new(transport::Context {
         limits: limits.clone(),
@@ -168,6 +180,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drain.await?;
     // The last committer clone lives in the rooms; the task ends with the process.
     drop(commit_task);
+    if let Some(task) = webhook_task {
+        // It stops on `shutdown`, giving back its leases.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     store.close().await;
     tracing::info!("shut down");
     Ok(())

@@ -145,12 +145,7 @@ async fn a_posted_update_reaches_clients_on_both_replicas_and_survives_restart()
 async fn a_fresh_server_exposes_every_named_series_at_zero() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::sqlite(&dir).start();
-    let body = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = server.metrics_text().await;
     for series in [
         "concord_connections{",
         "concord_documents_loaded{",
@@ -161,6 +156,9 @@ async fn a_fresh_server_exposes_every_named_series_at_zero() {
         "concord_persist_seconds_count{",
         "concord_fanout_errors_total{",
         "concord_persist_errors_total{",
+        "concord_webhook_deliveries_total{",
+        "concord_webhook_events_pending{",
+        "concord_webhook_oldest_pending_seconds{",
     ] {
         let line = body
             .lines()

@@ -98,6 +98,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and closes connections (graceful shutdown).
     async fn close(&self);
+
+    /// The webhook outbox this database keeps, if any.
+    fn outbox(&self) -> Option<&dyn crate::webhooks::outbox::Outbox> {
+        None
+    }
 }
 
 /// Opens the store named by a `sqlite://` or `postgres://` URL.

@@ -6,6 +6,7 @@
 //! a row appended (or committed late with a lower id) meanwhile is never lost.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ use sqlx::{Connection, PgPool, Postgres, Row};
 use super::{
     insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError,
     StoredDoc,
+};
+use crate::webhooks::outbox::{
+    change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -36,6 +40,8 @@ pub struct PostgresStore {
     /// pooled connection when it is taken and again when it is given back,
     /// which made each one-statement commit three round trips.
     appenders: Mutex<Vec<PgConnection>>,
+    /// Appends record webhook changes too (`webhooks/outbox.rs`).
+    track_changes: AtomicBool,
 }
 
 impl PostgresStore {
@@ -50,6 +56,7 @@ impl PostgresStore {
             pool,
             options,
             appenders: Mutex::new(Vec::new()),
+            track_changes: AtomicBool::new(false),
         })
     }
 
@@ -114,7 +121,8 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let mut conn = self.appender().await?;
-        let appended = append_on(&mut conn, batch).await;
+        let track = self.track_changes.load(Ordering::Relaxed);
+        let appended = append_on(&mut conn, batch, track).await;
         if appended.is_ok() {
             let mut idle = self.appenders.lock().expect("appenders lock");
             if idle.len() < CONCURRENT_APPENDS {
@@ -196,13 +204,20 @@ impl Store for PostgresStore {
         }
         self.pool.close().await;
     }
+
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        Some(self)
+    }
 }
 
-/// One statement commits on its own, atomically: one round trip to the
-/// server instead of three (BEGIN, INSERT, COMMIT). Every update waits for
-/// this before it is published to the other replicas.
-async fn append_on(conn: &mut PgConnection, batch: &[NewUpdate]) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT {
+/// One statement is its own transaction; a batch too large for one, or one
+/// whose changes webhooks must hear of, takes an explicit one.
+async fn append_on(
+    conn: &mut PgConnection,
+    batch: &[NewUpdate],
+    track: bool,
+) -> Result<(), StoreError> {
+    if batch.len() <= ROWS_PER_INSERT && !track {
         insert_rows::<Postgres>(batch)
             .build()
             .execute(&mut *conn)
@@ -216,6 +231,133 @@ async fn append_on(conn: &mut PgConnection, batch: &[NewUpdate]) -> Result<(), S
             .execute(&mut *txn)
             .await?;
     }
+    if track {
+        let now = now_ms();
+        for row in change_rows(batch) {
+            sqlx::query(
+                "INSERT INTO webhook_changes (doc, first_at, last_at, authors) VALUES ($1, $2, $2, $3)
+                 ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at,
+                 authors = CASE WHEN $4 = '' OR strpos(webhook_changes.authors, $4) > 0
+                           THEN webhook_changes.authors ELSE webhook_changes.authors || $5 END",
+            )
+            .bind(row.doc)
+            .bind(now)
+            .bind(&row.initial)
+            .bind(&row.marker)
+            .bind(&row.addition)
+            .execute(&mut *txn)
+            .await?;
+        }
+    }
     txn.commit().await?;
     Ok(())
+}
+
+/// Every replica runs the same queries: `SKIP LOCKED` hands each change and
+/// each delivery to one of them.
+#[async_trait]
+impl Outbox for PostgresStore {
+    fn track_changes(&self) {
+        self.track_changes.store(true, Ordering::Relaxed);
+    }
+
+    async fn promote(
+        &self,
+        now: i64,
+        quiet_since: i64,
+        first_before: i64,
+        urls: &[String],
+        make: MakeEvent<'_>,
+    ) -> Result<usize, StoreError> {
+        let mut txn = self.pool.begin().await?;
+        let due: Vec<(String, String)> = sqlx::query_as(
+            "SELECT doc, authors FROM webhook_changes WHERE last_at <= $1 OR first_at <= $2
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(quiet_since)
+        .bind(first_before)
+        .fetch_all(&mut *txn)
+        .await?;
+        for (doc, authors) in &due {
+            let (id, body) = make(doc, parse_authors(authors));
+            for url in urls {
+                sqlx::query(
+                    "INSERT INTO webhook_deliveries (id, url, body, created_at, due_at) VALUES ($1, $2, $3, $4, $4)",
+                )
+                .bind(&id)
+                .bind(url)
+                .bind(&body)
+                .bind(now)
+                .execute(&mut *txn)
+                .await?;
+            }
+            sqlx::query("DELETE FROM webhook_changes WHERE doc = $1")
+                .bind(doc)
+                .execute(&mut *txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(due.len())
+    }
+
+    async fn claim(
+        &self,
+        now: i64,
+        lease_until: i64,
+        replica: &str,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows: Vec<DeliveryRow> = sqlx::query_as(
+            "UPDATE webhook_deliveries SET lease_until = $1, leased_by = $2
+             WHERE seq IN (SELECT seq FROM webhook_deliveries
+                           WHERE due_at <= $3 AND lease_until <= $3 ORDER BY due_at LIMIT $4
+                           FOR UPDATE SKIP LOCKED)
+             RETURNING seq, id, url, body, attempts, created_at",
+        )
+        .bind(lease_until)
+        .bind(replica)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Delivery::from).collect())
+    }
+
+    async fn finish(&self, seq: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM webhook_deliveries WHERE seq = $1")
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn retry(&self, seq: i64, due_at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, due_at = $1, lease_until = 0, leased_by = NULL
+             WHERE seq = $2",
+        )
+        .bind(due_at)
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn release(&self, replica: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_deliveries SET lease_until = 0, leased_by = NULL WHERE leased_by = $1",
+        )
+        .bind(replica)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
+        Ok(
+            sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }

@@ -5,6 +5,7 @@
 //! take the write lock up front (`BEGIN IMMEDIATE`) and wait on `busy_timeout`.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +16,9 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool};
 use super::{
     insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError,
     StoredDoc,
+};
+use crate::webhooks::outbox::{
+    change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -30,6 +34,8 @@ pub struct SqliteStore {
     /// is a round trip to the connection's worker thread, and a pooled one
     /// also costs a task to give it back. Nothing else writes as often.
     appender: tokio::sync::Mutex<Option<SqliteConnection>>,
+    /// Appends record webhook changes too (`webhooks/outbox.rs`).
+    track_changes: AtomicBool,
 }
 
 impl SqliteStore {
@@ -54,6 +60,7 @@ impl SqliteStore {
             pool,
             options,
             appender: tokio::sync::Mutex::new(None),
+            track_changes: AtomicBool::new(false),
         })
     }
 
@@ -105,7 +112,8 @@ impl Store for SqliteStore {
             Some(conn) => conn,
             None => appender.insert(SqliteConnection::connect_with(&self.options).await?),
         };
-        let appended = append_on(conn, batch).await;
+        let track = self.track_changes.load(Ordering::Relaxed);
+        let appended = append_on(conn, batch, track).await;
         if appended.is_err() {
             // The next commit opens another.
             *appender = None;
@@ -178,13 +186,22 @@ impl Store for SqliteStore {
         }
         self.pool.close().await;
     }
+
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        Some(self)
+    }
 }
 
 /// One statement commits on its own, atomically: one round trip to the
 /// connection's thread instead of three (BEGIN, INSERT, COMMIT). A batch too
-/// large for one statement takes a transaction.
-async fn append_on(conn: &mut SqliteConnection, batch: &[NewUpdate]) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT {
+/// large for one statement, or one whose changes webhooks must hear of,
+/// takes a transaction.
+async fn append_on(
+    conn: &mut SqliteConnection,
+    batch: &[NewUpdate],
+    track: bool,
+) -> Result<(), StoreError> {
+    if batch.len() <= ROWS_PER_INSERT && !track {
         insert_rows::<Sqlite>(batch)
             .build()
             .execute(&mut *conn)
@@ -198,6 +215,139 @@ async fn append_on(conn: &mut SqliteConnection, batch: &[NewUpdate]) -> Result<(
             .execute(&mut *txn)
             .await?;
     }
+    if track {
+        let now = now_ms();
+        for row in change_rows(batch) {
+            sqlx::query(
+                "INSERT INTO webhook_changes (doc, first_at, last_at, authors) VALUES (?1, ?2, ?2, ?3)
+                 ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at,
+                 authors = CASE WHEN ?4 = '' OR instr(webhook_changes.authors, ?4) > 0
+                           THEN webhook_changes.authors ELSE webhook_changes.authors || ?5 END",
+            )
+            .bind(row.doc)
+            .bind(now)
+            .bind(&row.initial)
+            .bind(&row.marker)
+            .bind(&row.addition)
+            .execute(&mut *txn)
+            .await?;
+        }
+    }
     txn.commit().await?;
     Ok(())
+}
+
+#[async_trait]
+impl Outbox for SqliteStore {
+    fn track_changes(&self) {
+        self.track_changes.store(true, Ordering::Relaxed);
+    }
+
+    async fn promote(
+        &self,
+        now: i64,
+        quiet_since: i64,
+        first_before: i64,
+        urls: &[String],
+        make: MakeEvent<'_>,
+    ) -> Result<usize, StoreError> {
+        const DUE: &str =
+            "SELECT doc, authors FROM webhook_changes WHERE last_at <= ? OR first_at <= ?";
+        // Looking is a read; the write lock is taken only when something is due.
+        let any: Option<(String, String)> = sqlx::query_as(DUE)
+            .bind(quiet_since)
+            .bind(first_before)
+            .fetch_optional(&self.pool)
+            .await?;
+        if any.is_none() {
+            return Ok(0);
+        }
+        let mut txn = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let due: Vec<(String, String)> = sqlx::query_as(DUE)
+            .bind(quiet_since)
+            .bind(first_before)
+            .fetch_all(&mut *txn)
+            .await?;
+        for (doc, authors) in &due {
+            let (id, body) = make(doc, parse_authors(authors));
+            for url in urls {
+                sqlx::query(
+                    "INSERT INTO webhook_deliveries (id, url, body, created_at, due_at) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&id)
+                .bind(url)
+                .bind(&body)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *txn)
+                .await?;
+            }
+            sqlx::query("DELETE FROM webhook_changes WHERE doc = ?")
+                .bind(doc)
+                .execute(&mut *txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(due.len())
+    }
+
+    async fn claim(
+        &self,
+        now: i64,
+        lease_until: i64,
+        replica: &str,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows: Vec<DeliveryRow> = sqlx::query_as(
+            "UPDATE webhook_deliveries SET lease_until = ?1, leased_by = ?2
+             WHERE seq IN (SELECT seq FROM webhook_deliveries
+                           WHERE due_at <= ?3 AND lease_until <= ?3 ORDER BY due_at LIMIT ?4)
+             RETURNING seq, id, url, body, attempts, created_at",
+        )
+        .bind(lease_until)
+        .bind(replica)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Delivery::from).collect())
+    }
+
+    async fn finish(&self, seq: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM webhook_deliveries WHERE seq = ?")
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn retry(&self, seq: i64, due_at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, due_at = ?, lease_until = 0, leased_by = NULL
+             WHERE seq = ?",
+        )
+        .bind(due_at)
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn release(&self, replica: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_deliveries SET lease_until = 0, leased_by = NULL WHERE leased_by = ?",
+        )
+        .bind(replica)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
+        Ok(
+            sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }

@@ -218,14 +218,18 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    pub async fn metric(&self, name: &str) -> f64 {
-        let body = reqwest::get(self.http("/metrics"))
+    /// The `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.http("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        metric_value(&body, name)
+            .unwrap()
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics_text().await, name)
     }
 
     /// Polls a metric until `pred` holds (bounded).
