@@ -26,7 +26,7 @@ use super::{Command, ConnId, Inbound, Leave, Outbound, Peer, RoomError, Rooms, S
 use crate::doc::guard::{self, ApplyError};
 use crate::fanout::{Published, Remote, Subscription};
 use crate::metrics as m;
-use crate::store::committer::Ack;
+use crate::store::committer::{Ack, LogSize};
 use crate::store::{self, NewUpdate, Store};
 use crate::transport::Overflow;
 
@@ -152,9 +152,13 @@ impl Room {
         let ctx = self.rooms.context();
         let stored = ctx.store.load(&self.doc_name).await?;
         m::store_loaded();
-        let (entries, bytes) = (stored.updates.len() as u64, stored.log_bytes());
+        let log = LogSize {
+            entries: stored.updates.len() as u64,
+            bytes: stored.log_bytes(),
+            snapshot: stored.snapshot_bytes(),
+        };
         self.awareness = Awareness::new(crate::doc::build(&stored, self.check)?);
-        ctx.committer.loaded(self.doc_name.clone(), entries, bytes);
+        ctx.committer.loaded(self.doc_name.clone(), log);
         Ok(())
     }
 

@@ -84,7 +84,7 @@ impl Store for Gated {
         let _permit = self.gate.acquire().await.expect("gate open");
         self.inner.append(batch).await
     }
-    async fn compact(&self, doc: &str) -> Result<u64, StoreError> {
+    async fn compact(&self, doc: &str) -> Result<crate::store::Folded, StoreError> {
         self.inner.compact(doc).await
     }
     async fn ping(&self) -> Result<(), StoreError> {

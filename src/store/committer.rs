@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{NewUpdate, Store};
+use super::{Folded, NewUpdate, Store};
 use crate::metrics as m;
 
 /// Run once the update it was submitted with is durable.
@@ -59,11 +59,27 @@ const OVERLAP_BACKLOG: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// When a document's log has grown enough to fold into its snapshot.
+/// When a document's log has grown enough to fold into its snapshot: past
+/// `max_bytes`, or past `max_entries` once the log is also a quarter of the
+/// snapshot's size ([`SNAPSHOT_SHARE`]). A fold costs the whole document, so
+/// folding a large document every `max_entries` updates made the cost of an
+/// update grow with the document; waiting for a share of it keeps the cost
+/// per update flat, and loads apply at most a quarter more than the snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct CompactionPolicy {
     pub max_entries: u64,
     pub max_bytes: u64,
+}
+
+/// The log must reach 1/`SNAPSHOT_SHARE` of the snapshot before it is folded
+/// on its entry count alone.
+const SNAPSHOT_SHARE: u64 = 4;
+
+impl CompactionPolicy {
+    fn due(&self, log: &LogSize) -> bool {
+        log.bytes >= self.max_bytes
+            || (log.entries >= self.max_entries && log.bytes * SNAPSHOT_SHARE >= log.snapshot)
+    }
 }
 
 /// How the committer batches.
@@ -94,15 +110,14 @@ enum Item {
     /// A room loaded a document whose log holds this much.
     Loaded {
         doc: Arc<str>,
-        entries: u64,
-        bytes: u64,
+        log: LogSize,
     },
     /// A room unloaded its document: stop tracking it.
     Forget(Arc<str>),
-    /// A compaction finished, folding this many rows.
+    /// A compaction finished.
     Compacted {
         doc: Arc<str>,
-        entries: u64,
+        folded: Folded,
     },
 }
 
@@ -113,10 +128,13 @@ pub struct Committer {
     budget: usize,
 }
 
-#[derive(Default, Clone, Copy)]
-struct LogSize {
-    entries: u64,
-    bytes: u64,
+/// A document's log, and the snapshot it folds into.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogSize {
+    pub entries: u64,
+    pub bytes: u64,
+    /// The snapshot as a Yjs update, before compression.
+    pub snapshot: u64,
 }
 
 impl Committer {
@@ -178,12 +196,8 @@ impl Committer {
         }
     }
 
-    pub fn loaded(&self, doc: Arc<str>, entries: u64, bytes: u64) {
-        let _ = self.tx.send(Item::Loaded {
-            doc,
-            entries,
-            bytes,
-        });
+    pub fn loaded(&self, doc: Arc<str>, log: LogSize) {
+        let _ = self.tx.send(Item::Loaded { doc, log });
     }
 
     pub fn forget(&self, doc: Arc<str>) {
@@ -303,23 +317,22 @@ impl Worker {
                         let _ = done.send(());
                     }))
                 }
-                Item::Loaded {
-                    doc,
-                    entries,
-                    bytes,
-                } => {
-                    self.logs.insert(doc.clone(), LogSize { entries, bytes });
+                Item::Loaded { doc, log } => {
+                    self.logs.insert(doc.clone(), log);
                     self.maybe_compact(&doc);
                 }
                 Item::Forget(doc) => {
                     self.logs.remove(&doc);
                 }
-                Item::Compacted { doc, entries } => {
+                Item::Compacted { doc, folded } => {
                     self.compacting.remove(&doc);
                     if let Some(log) = self.logs.get_mut(&doc) {
                         let bytes_per_entry = log.bytes / log.entries.max(1);
-                        log.entries = log.entries.saturating_sub(entries);
-                        log.bytes = log.bytes.saturating_sub(entries * bytes_per_entry);
+                        log.entries = log.entries.saturating_sub(folded.rows);
+                        log.bytes = log.bytes.saturating_sub(folded.rows * bytes_per_entry);
+                        if folded.rows > 0 {
+                            log.snapshot = folded.snapshot_bytes;
+                        }
                     }
                 }
             }
@@ -355,9 +368,7 @@ impl Worker {
         let Some(log) = self.logs.get(doc) else {
             return;
         };
-        if (log.entries < self.policy.max_entries && log.bytes < self.policy.max_bytes)
-            || self.compacting.contains(doc)
-        {
+        if !self.policy.due(log) || self.compacting.contains(doc) {
             return;
         }
         let Some(tx) = self.tx.upgrade() else {
@@ -367,18 +378,18 @@ impl Worker {
         let store = self.store.clone();
         let doc = doc.clone();
         tokio::spawn(async move {
-            let entries = match store.compact(&doc).await {
+            let folded = match store.compact(&doc).await {
                 Ok(folded) => {
                     metrics::counter!(m::COMPACTIONS).increment(1);
-                    tracing::debug!(doc = %doc, folded, "compacted update log");
+                    tracing::debug!(doc = %doc, rows = folded.rows, "compacted update log");
                     folded
                 }
                 Err(error) => {
                     tracing::warn!(doc = %doc, %error, "compaction failed; will retry after more updates");
-                    0
+                    Folded::default()
                 }
             };
-            let _ = tx.send(Item::Compacted { doc, entries });
+            let _ = tx.send(Item::Compacted { doc, folded });
         });
     }
 }
@@ -411,5 +422,31 @@ async fn commit(store: Arc<dyn Store>, hooks: Arc<Hooks>, batch: Batch) -> Batch
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_document_waits_for_its_log_to_be_a_share_of_it() {
+        let policy = CompactionPolicy {
+            max_entries: 1000,
+            max_bytes: 8 << 20,
+        };
+        let log = |entries, bytes, snapshot| LogSize {
+            entries,
+            bytes,
+            snapshot,
+        };
+        assert!(!policy.due(&log(999, 30_000, 0)));
+        // A small document folds every thousand updates, as before.
+        assert!(policy.due(&log(1000, 30_000, 10_000)));
+        // A 4 MB one waits for a megabyte of log, not a thousand updates.
+        assert!(!policy.due(&log(1000, 30_000, 4_000_000)));
+        assert!(policy.due(&log(34_000, 1_000_000, 4_000_000)));
+        // The byte cap holds whatever the snapshot.
+        assert!(policy.due(&log(10, 8 << 20, 1 << 30)));
     }
 }

@@ -28,9 +28,22 @@ impl StoredDoc {
         self.snapshot.is_none() && self.updates.is_empty()
     }
 
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.len() as u64)
+    }
+
     pub fn log_bytes(&self) -> u64 {
         self.updates.iter().map(|u| u.len() as u64).sum()
     }
+}
+
+/// What a compaction did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Folded {
+    /// Log rows folded into the snapshot.
+    pub rows: u64,
+    /// The snapshot's size now, as a Yjs update (before compression).
+    pub snapshot_bytes: u64,
 }
 
 /// One update to append to a document's log.
@@ -84,8 +97,8 @@ pub trait Store: Send + Sync + 'static {
         1
     }
 
-    /// Folds the log rows present now into the snapshot; returns how many were folded.
-    async fn compact(&self, doc: &str) -> Result<u64, StoreError>;
+    /// Folds the log rows present now into the snapshot.
+    async fn compact(&self, doc: &str) -> Result<Folded, StoreError>;
 
     /// Cheap liveness probe for readiness.
     async fn ping(&self) -> Result<(), StoreError>;

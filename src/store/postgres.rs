@@ -16,8 +16,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
-    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError,
-    StoredDoc,
+    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate, Store,
+    StoreError, StoredDoc,
 };
 use crate::webhooks::outbox::{
     change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
@@ -137,7 +137,7 @@ impl Store for PostgresStore {
         CONCURRENT_APPENDS
     }
 
-    async fn compact(&self, doc: &str) -> Result<u64, StoreError> {
+    async fn compact(&self, doc: &str) -> Result<Folded, StoreError> {
         let mut txn = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
             .bind(doc)
@@ -153,13 +153,14 @@ impl Store for PostgresStore {
             .fetch_all(&mut *txn)
             .await?;
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Folded::default());
         }
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
         let snapshot = snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?;
-        let (folded, compression) =
-            pack_snapshot(&crate::doc::fold(snapshot.as_deref(), &updates)?);
+        let state = crate::doc::fold(snapshot.as_deref(), &updates)?;
+        let snapshot_bytes = state.len() as u64;
+        let (folded, compression) = pack_snapshot(&state);
         sqlx::query(
             "INSERT INTO document_snapshots (doc, data, compression) VALUES ($1, $2, $3)
              ON CONFLICT (doc) DO UPDATE
@@ -175,7 +176,10 @@ impl Store for PostgresStore {
             .execute(&mut *txn)
             .await?;
         txn.commit().await?;
-        Ok(ids.len() as u64)
+        Ok(Folded {
+            rows: ids.len() as u64,
+            snapshot_bytes,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -14,8 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{
-    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, NewUpdate, Store, StoreError,
-    StoredDoc,
+    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate, Store,
+    StoreError, StoredDoc,
 };
 use crate::webhooks::outbox::{
     change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
@@ -121,7 +121,7 @@ impl Store for SqliteStore {
         appended
     }
 
-    async fn compact(&self, doc: &str) -> Result<u64, StoreError> {
+    async fn compact(&self, doc: &str) -> Result<Folded, StoreError> {
         let mut txn = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let snapshot: Option<(Vec<u8>, Option<String>)> =
             sqlx::query_as("SELECT data, compression FROM document_snapshots WHERE doc = ?")
@@ -133,13 +133,14 @@ impl Store for SqliteStore {
             .fetch_all(&mut *txn)
             .await?;
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Folded::default());
         }
         let max_id: i64 = rows.last().map(|r| r.get(0)).unwrap_or_default();
         let updates: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
         let snapshot = snapshot.map(|(d, c)| unpack_snapshot(d, c)).transpose()?;
-        let (folded, compression) =
-            pack_snapshot(&crate::doc::fold(snapshot.as_deref(), &updates)?);
+        let state = crate::doc::fold(snapshot.as_deref(), &updates)?;
+        let snapshot_bytes = state.len() as u64;
+        let (folded, compression) = pack_snapshot(&state);
         sqlx::query(
             "INSERT INTO document_snapshots (doc, data, compression) VALUES (?, ?, ?)
              ON CONFLICT (doc) DO UPDATE
@@ -158,7 +159,10 @@ impl Store for SqliteStore {
             .execute(&mut *txn)
             .await?;
         txn.commit().await?;
-        Ok(rows.len() as u64)
+        Ok(Folded {
+            rows: rows.len() as u64,
+            snapshot_bytes,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
