@@ -196,9 +196,11 @@ pub struct Limits {
     #[arg(long, env = "CONCORD_PERSIST_BUDGET_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub persist_budget_bytes: usize,
 
-    /// Least time between the starts of two group commits (default: 2ms on
+    /// Least time between the starts of two group commits (default: 10ms on
     /// SQLite, whose every commit flushes the local disk; 0 on PostgreSQL,
     /// where each commit is a round trip that cross-replica delivery waits for).
+    /// Local clients get an update at once whatever it is; only what waits for
+    /// durability (a Hocuspocus ack, an HTTP write's answer) waits up to this.
     #[arg(long, env = "CONCORD_COMMIT_INTERVAL", value_parser = humantime::parse_duration)]
     pub commit_interval: Option<Duration>,
 
@@ -260,7 +262,7 @@ impl ServeArgs {
     pub fn commit_interval(&self) -> Duration {
         let default = match self.is_postgres() {
             true => Duration::ZERO,
-            false => Duration::from_millis(2),
+            false => Duration::from_millis(10),
         };
         self.limits.commit_interval.unwrap_or(default)
     }

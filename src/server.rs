@@ -142,9 +142,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         connections: connections.clone(),
     };
 
-    let listener = tokio::net::TcpListener::bind(args.bind)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let listener = listen(args.bind).with_context(|| format!("cannot listen on {}", args.bind))?;
     let addr = listener.local_addr()?;
     // Every frame is written as soon as it is ready; Nagle's algorithm would
     // hold a small one back while an earlier one is unacknowledged.
@@ -187,6 +185,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Connections the kernel queues for `accept` at most (capped by
+/// `net.core.somaxconn`). At the default of 128, a join storm (150 clients
+/// opening a document at once, as after a deploy) overflowed the queue, and
+/// each dropped handshake cost its client a 1 s SYN retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn drain_on_signal(
