@@ -9,6 +9,7 @@
 //! load — snapshot plus every remaining row — never misses an update.
 
 pub mod committer;
+mod outbox_sql;
 pub mod postgres;
 pub mod sqlite;
 

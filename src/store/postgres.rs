@@ -16,8 +16,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
-    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate, Store,
-    StoreError, StoredDoc,
+    insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
+    Store, StoreError, StoredDoc,
 };
 use crate::webhooks::outbox::{
     change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
@@ -238,19 +238,10 @@ async fn append_on(
     if track {
         let now = now_ms();
         for row in change_rows(batch) {
-            sqlx::query(
-                "INSERT INTO webhook_changes (doc, first_at, last_at, authors) VALUES ($1, $2, $2, $3)
-                 ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at,
-                 authors = CASE WHEN $4 = '' OR strpos(webhook_changes.authors, $4) > 0
-                           THEN webhook_changes.authors ELSE webhook_changes.authors || $5 END",
-            )
-            .bind(row.doc)
-            .bind(now)
-            .bind(&row.initial)
-            .bind(&row.marker)
-            .bind(&row.addition)
-            .execute(&mut *txn)
-            .await?;
+            outbox_sql::record_change::<Postgres>(&row, now, "strpos")
+                .build()
+                .execute(&mut *txn)
+                .await?;
         }
     }
     txn.commit().await?;
@@ -284,19 +275,14 @@ impl Outbox for PostgresStore {
         .await?;
         for (doc, authors) in &due {
             let (id, body) = make(doc, parse_authors(authors));
-            for url in urls {
-                sqlx::query(
-                    "INSERT INTO webhook_deliveries (id, url, body, created_at, due_at) VALUES ($1, $2, $3, $4, $4)",
-                )
-                .bind(&id)
-                .bind(url)
-                .bind(&body)
-                .bind(now)
-                .execute(&mut *txn)
-                .await?;
+            if !urls.is_empty() {
+                outbox_sql::insert_deliveries::<Postgres>(&id, &body, urls, now)
+                    .build()
+                    .execute(&mut *txn)
+                    .await?;
             }
-            sqlx::query("DELETE FROM webhook_changes WHERE doc = $1")
-                .bind(doc)
+            outbox_sql::forget_change::<Postgres>(doc)
+                .build()
                 .execute(&mut *txn)
                 .await?;
         }
@@ -328,40 +314,32 @@ impl Outbox for PostgresStore {
     }
 
     async fn finish(&self, seq: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM webhook_deliveries WHERE seq = $1")
-            .bind(seq)
+        outbox_sql::finish::<Postgres>(seq)
+            .build()
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
     async fn retry(&self, seq: i64, due_at: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1, due_at = $1, lease_until = 0, leased_by = NULL
-             WHERE seq = $2",
-        )
-        .bind(due_at)
-        .bind(seq)
-        .execute(&self.pool)
-        .await?;
+        outbox_sql::retry::<Postgres>(seq, due_at)
+            .build()
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn release(&self, replica: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE webhook_deliveries SET lease_until = 0, leased_by = NULL WHERE leased_by = $1",
-        )
-        .bind(replica)
-        .execute(&self.pool)
-        .await?;
+        outbox_sql::release::<Postgres>(replica)
+            .build()
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
-        Ok(
-            sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as(outbox_sql::BACKLOG)
+            .fetch_one(&self.pool)
+            .await?)
     }
 }

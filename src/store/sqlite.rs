@@ -14,8 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{
-    insert_rows, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate, Store,
-    StoreError, StoredDoc,
+    insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
+    Store, StoreError, StoredDoc,
 };
 use crate::webhooks::outbox::{
     change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
@@ -222,19 +222,10 @@ async fn append_on(
     if track {
         let now = now_ms();
         for row in change_rows(batch) {
-            sqlx::query(
-                "INSERT INTO webhook_changes (doc, first_at, last_at, authors) VALUES (?1, ?2, ?2, ?3)
-                 ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at,
-                 authors = CASE WHEN ?4 = '' OR instr(webhook_changes.authors, ?4) > 0
-                           THEN webhook_changes.authors ELSE webhook_changes.authors || ?5 END",
-            )
-            .bind(row.doc)
-            .bind(now)
-            .bind(&row.initial)
-            .bind(&row.marker)
-            .bind(&row.addition)
-            .execute(&mut *txn)
-            .await?;
+            outbox_sql::record_change::<Sqlite>(&row, now, "instr")
+                .build()
+                .execute(&mut *txn)
+                .await?;
         }
     }
     txn.commit().await?;
@@ -274,20 +265,14 @@ impl Outbox for SqliteStore {
             .await?;
         for (doc, authors) in &due {
             let (id, body) = make(doc, parse_authors(authors));
-            for url in urls {
-                sqlx::query(
-                    "INSERT INTO webhook_deliveries (id, url, body, created_at, due_at) VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(&id)
-                .bind(url)
-                .bind(&body)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *txn)
-                .await?;
+            if !urls.is_empty() {
+                outbox_sql::insert_deliveries::<Sqlite>(&id, &body, urls, now)
+                    .build()
+                    .execute(&mut *txn)
+                    .await?;
             }
-            sqlx::query("DELETE FROM webhook_changes WHERE doc = ?")
-                .bind(doc)
+            outbox_sql::forget_change::<Sqlite>(doc)
+                .build()
                 .execute(&mut *txn)
                 .await?;
         }
@@ -318,40 +303,32 @@ impl Outbox for SqliteStore {
     }
 
     async fn finish(&self, seq: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM webhook_deliveries WHERE seq = ?")
-            .bind(seq)
+        outbox_sql::finish::<Sqlite>(seq)
+            .build()
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
     async fn retry(&self, seq: i64, due_at: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1, due_at = ?, lease_until = 0, leased_by = NULL
-             WHERE seq = ?",
-        )
-        .bind(due_at)
-        .bind(seq)
-        .execute(&self.pool)
-        .await?;
+        outbox_sql::retry::<Sqlite>(seq, due_at)
+            .build()
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn release(&self, replica: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE webhook_deliveries SET lease_until = 0, leased_by = NULL WHERE leased_by = ?",
-        )
-        .bind(replica)
-        .execute(&self.pool)
-        .await?;
+        outbox_sql::release::<Sqlite>(replica)
+            .build()
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
-        Ok(
-            sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as(outbox_sql::BACKLOG)
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
