@@ -97,6 +97,21 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+
+    #[command(flatten)]
+    pub history: HistoryArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    /// How long versions are kept (named ones are kept for good); `0` turns
+    /// automatic versions off.
+    #[arg(long, env = "CONCORD_HISTORY_RETENTION", value_parser = humantime::parse_duration, default_value = "30d")]
+    pub history_retention: Duration,
+
+    /// A version is recorded when a changed document has been quiet this long.
+    #[arg(long, env = "CONCORD_VERSION_IDLE", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub version_idle: Duration,
 }
 
 #[derive(Clone, Args)]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod doc;
 pub mod fanout;
 pub mod health;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod protocol;

@@ -16,6 +16,7 @@ use crate::config::{LogFormat, ServeArgs};
 use crate::fanout::local::LocalFanout;
 use crate::fanout::{Fanout, Published};
 use crate::health::Health;
+use crate::history::History;
 use crate::http::{self, AppState, ClientAddrs};
 use crate::room::{RoomContext, Rooms};
 use crate::store::committer::{Committer, CompactionPolicy, Hooks, Settings};
@@ -112,6 +113,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let shutdown = CancellationToken::new();
+    let webhooks_for_history = webhooks.clone();
     let webhook_task = match webhooks {
         Some(webhooks) => Some(crate::webhooks::spawn(
             store.clone(),
@@ -127,8 +129,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         heartbeat: transport::heartbeat(limits.ping_interval, shutdown.clone()),
     });
+    let history = Arc::new(History::new(
+        rooms.clone(),
+        store.clone(),
+        &args.history,
+        webhooks_for_history,
+    ));
+    let history_task = history.clone().spawn(shutdown.clone());
     let state = AppState {
         rooms,
+        history,
         health: health.clone(),
         limits,
         verifier,
@@ -178,6 +188,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drain.await?;
     // The last committer clone lives in the rooms; the task ends with the process.
     drop(commit_task);
+    if let Some(task) = history_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     if let Some(task) = webhook_task {
         // It stops on `shutdown`, giving back its leases.
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;

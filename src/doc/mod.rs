@@ -1,9 +1,13 @@
 //! Documents: yrs on untrusted input (the [`guard`] around every call that a
 //! hostile update could make panic), documents built from what the store
-//! holds, and what a document may be called ([`name`]).
+//! holds, what a document may be called ([`name`]), its content as JSON
+//! ([`json`]) and the changes that restore an earlier version ([`restore`]).
 
 pub mod guard;
+pub mod json;
 pub mod name;
+pub mod restore;
+mod roots;
 
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, StateVector, Update};

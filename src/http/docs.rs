@@ -7,6 +7,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
+use yrs::updates::decoder::Decode;
 use yrs::StateVector;
 
 use super::error::ApiError;
@@ -18,6 +19,10 @@ use crate::protocol;
 #[derive(Deserialize)]
 pub struct ReadQuery {
     since: Option<String>,
+    /// `json` for the content as JSON; otherwise a Yjs update.
+    format: Option<String>,
+    /// A version id: the document as it was then.
+    version: Option<String>,
 }
 
 pub async fn read(
@@ -28,6 +33,31 @@ pub async fn read(
 ) -> Result<Response, ApiError> {
     name::validate(&doc)?;
     authorize(&state, &headers, &doc, Access::Read)?;
+    let json = match query.format.as_deref() {
+        None | Some("binary") => false,
+        Some("json") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "format must be json or binary, not {other:?}"
+            )))
+        }
+    };
+    if json || query.version.is_some() {
+        if query.since.is_some() {
+            return Err(ApiError::BadRequest(
+                "since combines with neither format=json nor version".into(),
+            ));
+        }
+        let update = match &query.version {
+            Some(id) => state.history.state(&doc, id).await?,
+            None => whole(&state, &doc).await?,
+        };
+        return Ok(if json {
+            axum::Json(to_json(&update)?).into_response()
+        } else {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response()
+        });
+    }
     let since = match query.since {
         Some(encoded) => {
             let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -48,6 +78,28 @@ pub async fn read(
         .into_response())
 }
 
+/// The document's whole state; 404 when nothing was ever stored.
+async fn whole(state: &AppState, doc: &str) -> Result<Vec<u8>, ApiError> {
+    let snapshot = state.rooms.read(doc, StateVector::default()).await?;
+    if !snapshot.exists {
+        return Err(ApiError::NotFound);
+    }
+    Ok(snapshot.update.to_vec())
+}
+
+/// A whole state read as JSON (`doc/json.rs`).
+fn to_json(update: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let unreadable = || ApiError::Unavailable("the stored document cannot be read".into());
+    let update = yrs::Update::decode_v1(update).map_err(|_| unreadable())?;
+    let doc = yrs::Doc::new();
+    crate::doc::guard::apply_all(&doc, vec![update]).map_err(|_| unreadable())?;
+    let json = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::doc::json::to_json(&yrs::Transact::transact(&doc))
+    }));
+    crate::doc::guard::discard(doc);
+    json.map_err(|_| unreadable())
+}
+
 pub async fn write(
     State(state): State<AppState>,
     Path(doc): Path<String>,
@@ -65,7 +117,7 @@ pub async fn write(
 }
 
 /// The bearer token's grant on `doc`, when it is at least `need`.
-fn authorize(
+pub(super) fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     doc: &str,

@@ -6,6 +6,7 @@ use axum::Json;
 
 use crate::auth::AuthError;
 use crate::doc::name::NameError;
+use crate::history::HistoryError;
 use crate::room::RoomError;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,21 @@ pub enum ApiError {
     Draining,
     #[error(transparent)]
     Room(#[from] RoomError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("no such version")]
+    NoVersion,
+}
+
+impl From<HistoryError> for ApiError {
+    fn from(error: HistoryError) -> Self {
+        match error {
+            HistoryError::NoDocument => ApiError::NotFound,
+            HistoryError::NoVersion => ApiError::NoVersion,
+            HistoryError::Room(e) => ApiError::Room(e),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl From<NameError> for ApiError {
@@ -40,11 +56,11 @@ impl ApiError {
                 StatusCode::FORBIDDEN
             }
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NoVersion => StatusCode::NOT_FOUND,
             ApiError::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Room(RoomError::BadUpdate(_)) => StatusCode::BAD_REQUEST,
-            ApiError::Room(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Room(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

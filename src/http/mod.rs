@@ -4,6 +4,7 @@ mod client_addr;
 mod docs;
 mod error;
 mod health;
+mod history;
 mod ws;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::auth::Verifier;
 use crate::config::Limits;
 use crate::health::Health;
+use crate::history::History;
 use crate::room::Rooms;
 use crate::transport;
 
@@ -24,6 +26,7 @@ pub use client_addr::{ClientAddrs, ConnectionSlot};
 #[derive(Clone)]
 pub struct AppState {
     pub rooms: Rooms,
+    pub history: Arc<History>,
     pub health: Arc<Health>,
     pub limits: Arc<Limits>,
     pub verifier: Option<Arc<Verifier>>,
@@ -47,6 +50,11 @@ pub fn router(state: AppState) -> Router {
         .route("/hocuspocus", get(ws::hocuspocus))
         .route("/hocuspocus/", get(ws::hocuspocus))
         .route("/api/docs/{doc}", get(docs::read))
+        .route(
+            "/api/docs/{doc}/versions",
+            get(history::list).post(history::create),
+        )
+        .route("/api/docs/{doc}/restore", post(history::restore))
         .route(
             "/api/docs/{doc}/updates",
             post(docs::write).layer(axum::extract::DefaultBodyLimit::max(body_limit)),

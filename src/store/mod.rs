@@ -9,6 +9,7 @@
 //! load — snapshot plus every remaining row — never misses an update.
 
 pub mod committer;
+mod history_sql;
 mod outbox_sql;
 pub mod postgres;
 pub mod sqlite;
@@ -62,10 +63,13 @@ where
     DB: sqlx::Database,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
-    let mut query = sqlx::QueryBuilder::new("INSERT INTO document_updates (doc, data) ");
+    let mut query = sqlx::QueryBuilder::new("INSERT INTO document_updates (doc, data, author) ");
     query.push_values(rows, |mut row, u| {
-        row.push_bind(&*u.doc).push_bind(&u.data[..]);
+        row.push_bind(&*u.doc)
+            .push_bind(&u.data[..])
+            .push_bind(u.user.as_deref());
     });
     query
 }
@@ -116,6 +120,34 @@ pub trait Store: Send + Sync + 'static {
     /// The webhook outbox this database keeps, if any.
     fn outbox(&self) -> Option<&dyn crate::webhooks::outbox::Outbox> {
         None
+    }
+
+    /// The document versions this database keeps, if any.
+    fn versions(&self) -> Option<&dyn crate::history::versions::Versions> {
+        None
+    }
+}
+
+/// What an append records besides the updates, in the same transaction:
+/// which documents changed and who changed them, for webhooks and history.
+#[derive(Debug, Default)]
+pub(crate) struct Tracking {
+    webhooks: std::sync::atomic::AtomicBool,
+    history: std::sync::atomic::AtomicBool,
+}
+
+impl Tracking {
+    /// The tables to record changes in.
+    fn tables(&self) -> Vec<&'static str> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut tables = Vec::new();
+        if self.webhooks.load(Relaxed) {
+            tables.push("webhook_changes");
+        }
+        if self.history.load(Relaxed) {
+            tables.push("history_changes");
+        }
+        tables
     }
 }
 

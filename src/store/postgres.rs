@@ -6,7 +6,7 @@
 //! a row appended (or committed late with a lower id) meanwhile is never lost.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,9 +16,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
-    insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
-    Store, StoreError, StoredDoc,
+    history_sql, insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded,
+    NewUpdate, Store, StoreError, StoredDoc, Tracking,
 };
+use crate::history::versions::Versions;
 use crate::webhooks::outbox::{
     change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
 };
@@ -40,8 +41,8 @@ pub struct PostgresStore {
     /// pooled connection when it is taken and again when it is given back,
     /// which made each one-statement commit three round trips.
     appenders: Mutex<Vec<PgConnection>>,
-    /// Appends record webhook changes too (`webhooks/outbox.rs`).
-    track_changes: AtomicBool,
+    /// What appends record besides the updates.
+    tracking: Tracking,
 }
 
 impl PostgresStore {
@@ -56,7 +57,7 @@ impl PostgresStore {
             pool,
             options,
             appenders: Mutex::new(Vec::new()),
-            track_changes: AtomicBool::new(false),
+            tracking: Tracking::default(),
         })
     }
 
@@ -121,8 +122,8 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let mut conn = self.appender().await?;
-        let track = self.track_changes.load(Ordering::Relaxed);
-        let appended = append_on(&mut conn, batch, track).await;
+        let track = self.tracking.tables();
+        let appended = append_on(&mut conn, batch, &track).await;
         if appended.is_ok() {
             let mut idle = self.appenders.lock().expect("appenders lock");
             if idle.len() < CONCURRENT_APPENDS {
@@ -212,16 +213,22 @@ impl Store for PostgresStore {
     fn outbox(&self) -> Option<&dyn Outbox> {
         Some(self)
     }
+
+    fn versions(&self) -> Option<&dyn Versions> {
+        Some(self)
+    }
 }
+
+history_sql::impl_versions!(PostgresStore, Postgres);
 
 /// One statement is its own transaction; a batch too large for one, or one
 /// whose changes webhooks must hear of, takes an explicit one.
 async fn append_on(
     conn: &mut PgConnection,
     batch: &[NewUpdate],
-    track: bool,
+    track: &[&str],
 ) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT && !track {
+    if batch.len() <= ROWS_PER_INSERT && track.is_empty() {
         insert_rows::<Postgres>(batch)
             .build()
             .execute(&mut *conn)
@@ -235,10 +242,10 @@ async fn append_on(
             .execute(&mut *txn)
             .await?;
     }
-    if track {
-        let now = now_ms();
+    let now = now_ms();
+    for table in track {
         for row in change_rows(batch) {
-            outbox_sql::record_change::<Postgres>(&row, now, "strpos")
+            outbox_sql::record_change::<Postgres>(table, &row, now, "strpos")
                 .build()
                 .execute(&mut *txn)
                 .await?;
@@ -253,7 +260,7 @@ async fn append_on(
 #[async_trait]
 impl Outbox for PostgresStore {
     fn track_changes(&self) {
-        self.track_changes.store(true, Ordering::Relaxed);
+        self.tracking.webhooks.store(true, Ordering::Relaxed);
     }
 
     async fn promote(
@@ -311,6 +318,20 @@ impl Outbox for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(Delivery::from).collect())
+    }
+
+    async fn enqueue(
+        &self,
+        id: &str,
+        body: &str,
+        urls: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        outbox_sql::insert_deliveries::<Postgres>(id, body, urls, now)
+            .build()
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn finish(&self, seq: i64) -> Result<(), StoreError> {

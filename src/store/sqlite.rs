@@ -5,7 +5,7 @@
 //! take the write lock up front (`BEGIN IMMEDIATE`) and wait on `busy_timeout`.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,9 +14,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{
-    insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
-    Store, StoreError, StoredDoc,
+    history_sql, insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded,
+    NewUpdate, Store, StoreError, StoredDoc, Tracking,
 };
+use crate::history::versions::Versions;
 use crate::webhooks::outbox::{
     change_rows, now_ms, parse_authors, Delivery, DeliveryRow, MakeEvent, Outbox,
 };
@@ -34,8 +35,8 @@ pub struct SqliteStore {
     /// is a round trip to the connection's worker thread, and a pooled one
     /// also costs a task to give it back. Nothing else writes as often.
     appender: tokio::sync::Mutex<Option<SqliteConnection>>,
-    /// Appends record webhook changes too (`webhooks/outbox.rs`).
-    track_changes: AtomicBool,
+    /// What appends record besides the updates.
+    tracking: Tracking,
 }
 
 impl SqliteStore {
@@ -60,7 +61,7 @@ impl SqliteStore {
             pool,
             options,
             appender: tokio::sync::Mutex::new(None),
-            track_changes: AtomicBool::new(false),
+            tracking: Tracking::default(),
         })
     }
 
@@ -112,8 +113,8 @@ impl Store for SqliteStore {
             Some(conn) => conn,
             None => appender.insert(SqliteConnection::connect_with(&self.options).await?),
         };
-        let track = self.track_changes.load(Ordering::Relaxed);
-        let appended = append_on(conn, batch, track).await;
+        let track = self.tracking.tables();
+        let appended = append_on(conn, batch, &track).await;
         if appended.is_err() {
             // The next commit opens another.
             *appender = None;
@@ -194,7 +195,13 @@ impl Store for SqliteStore {
     fn outbox(&self) -> Option<&dyn Outbox> {
         Some(self)
     }
+
+    fn versions(&self) -> Option<&dyn Versions> {
+        Some(self)
+    }
 }
+
+history_sql::impl_versions!(SqliteStore, Sqlite);
 
 /// One statement commits on its own, atomically: one round trip to the
 /// connection's thread instead of three (BEGIN, INSERT, COMMIT). A batch too
@@ -203,9 +210,9 @@ impl Store for SqliteStore {
 async fn append_on(
     conn: &mut SqliteConnection,
     batch: &[NewUpdate],
-    track: bool,
+    track: &[&str],
 ) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT && !track {
+    if batch.len() <= ROWS_PER_INSERT && track.is_empty() {
         insert_rows::<Sqlite>(batch)
             .build()
             .execute(&mut *conn)
@@ -219,10 +226,10 @@ async fn append_on(
             .execute(&mut *txn)
             .await?;
     }
-    if track {
-        let now = now_ms();
+    let now = now_ms();
+    for table in track {
         for row in change_rows(batch) {
-            outbox_sql::record_change::<Sqlite>(&row, now, "instr")
+            outbox_sql::record_change::<Sqlite>(table, &row, now, "instr")
                 .build()
                 .execute(&mut *txn)
                 .await?;
@@ -235,7 +242,7 @@ async fn append_on(
 #[async_trait]
 impl Outbox for SqliteStore {
     fn track_changes(&self) {
-        self.track_changes.store(true, Ordering::Relaxed);
+        self.tracking.webhooks.store(true, Ordering::Relaxed);
     }
 
     async fn promote(
@@ -300,6 +307,20 @@ impl Outbox for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(Delivery::from).collect())
+    }
+
+    async fn enqueue(
+        &self,
+        id: &str,
+        body: &str,
+        urls: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        outbox_sql::insert_deliveries::<Sqlite>(id, body, urls, now)
+            .build()
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn finish(&self, seq: i64) -> Result<(), StoreError> {

@@ -83,6 +83,22 @@ impl Webhooks {
         }))
     }
 
+    /// Queues `document.restored` for every URL; the sender delivers it like
+    /// any event (durably, at least once, by one replica).
+    pub async fn announce_restore(
+        &self,
+        store: &dyn Store,
+        doc: &str,
+        authors: Vec<String>,
+        version: &str,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(outbox) = store.outbox() else {
+            return Ok(());
+        };
+        let (id, body) = event("document.restored", doc, authors, Some(version));
+        outbox.enqueue(&id, &body, &self.urls, now_ms()).await
+    }
+
     /// A lease outlasts an attempt, so a live replica is never overtaken.
     fn lease(&self) -> Duration {
         self.timeout * 3
@@ -220,13 +236,17 @@ impl Sender {
 
 /// A `document.changed` event: its id and its body.
 fn changed_event(doc: &str, authors: Vec<String>) -> (String, String) {
+    event("document.changed", doc, authors, None)
+}
+
+fn event(kind: &str, doc: &str, authors: Vec<String>, version: Option<&str>) -> (String, String) {
     let id = format!("{:032x}", rand::random::<u128>());
     let body = serde_json::json!({
-        "event": "document.changed",
+        "event": kind,
         "doc": doc,
         "at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         "authors": authors,
-        "version": null,
+        "version": version,
     });
     (id, body.to_string())
 }

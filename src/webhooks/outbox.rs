@@ -62,6 +62,15 @@ pub trait Outbox: Send + Sync {
         make: MakeEvent<'_>,
     ) -> Result<usize, StoreError>;
 
+    /// Queues an event made now, one delivery per URL.
+    async fn enqueue(
+        &self,
+        id: &str,
+        body: &str,
+        urls: &[String],
+        now: i64,
+    ) -> Result<(), StoreError>;
+
     /// Leases up to `limit` due deliveries to `replica` until `lease_until`.
     async fn claim(
         &self,

@@ -1,0 +1,300 @@
+//! Document history: versions recorded after a quiet spell, on request and
+//! before a restore; reading a version; restoring one; dropping unnamed
+//! versions past the retention.
+//!
+//! A version keeps the document's whole state (lz4-packed, as snapshots
+//! are), so compaction folds the log as before and a version never depends
+//! on rows that may be gone. Who changed a document since its last version
+//! is recorded with every append (`versions.rs`); recording a version takes
+//! that record, once, whichever replica gets there first.
+
+pub mod versions;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use yrs::updates::decoder::Decode;
+use yrs::{Doc, StateVector, Update};
+
+use crate::config::HistoryArgs;
+use crate::doc::guard;
+use crate::room::{RoomError, Rooms};
+use crate::store::{pack_snapshot, unpack_snapshot, Store, StoreError};
+use crate::webhooks::outbox::now_ms;
+use crate::webhooks::Webhooks;
+use versions::{VersionRow, Versions};
+
+/// Documents turned into versions per round at most; the rest wait a round.
+const BATCH: i64 = 64;
+
+/// A version as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Version {
+    pub id: String,
+    /// RFC 3339, to the second.
+    pub at: String,
+    pub name: Option<String>,
+    /// Who changed the document since the previous version.
+    pub authors: Vec<String>,
+}
+
+impl From<VersionRow> for Version {
+    fn from(row: VersionRow) -> Self {
+        let at = UNIX_EPOCH + Duration::from_millis(row.at.max(0) as u64);
+        Version {
+            id: row.id,
+            at: humantime::format_rfc3339_seconds(at).to_string(),
+            name: row.name,
+            authors: serde_json::from_str(&row.authors).unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("no such document")]
+    NoDocument,
+    #[error("no such version")]
+    NoVersion,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Room(#[from] RoomError),
+    #[error("the version cannot be restored: {0}")]
+    Restore(&'static str),
+}
+
+/// Why a version is recorded.
+enum Trigger {
+    /// The document has been quiet since this time after changes.
+    Quiet(i64),
+    /// Asked for (`POST …/versions`), named or not.
+    Request(Option<String>),
+    /// Just before a restore: unless the document is unchanged since its
+    /// last version (then that one is the state before).
+    BeforeRestore,
+}
+
+pub struct History {
+    rooms: Rooms,
+    store: Arc<dyn Store>,
+    /// Zero: no automatic versions, none dropped.
+    retention: Duration,
+    idle: Duration,
+    webhooks: Option<Webhooks>,
+}
+
+impl History {
+    pub fn new(
+        rooms: Rooms,
+        store: Arc<dyn Store>,
+        args: &HistoryArgs,
+        webhooks: Option<Webhooks>,
+    ) -> Self {
+        History {
+            rooms,
+            store,
+            retention: args.history_retention,
+            idle: args.version_idle,
+            webhooks,
+        }
+    }
+
+    fn versions(&self) -> &dyn Versions {
+        self.store.versions().expect("every store keeps versions")
+    }
+
+    /// `POST /api/docs/{doc}/versions`.
+    pub async fn create(&self, doc: &str, name: Option<String>) -> Result<Version, HistoryError> {
+        self.record(doc, Trigger::Request(name), None)
+            .await?
+            .ok_or(HistoryError::NoDocument)
+    }
+
+    /// The document's versions, newest first.
+    pub async fn list(&self, doc: &str) -> Result<Vec<Version>, HistoryError> {
+        let rows = self.versions().list(doc).await?;
+        if rows.is_empty() && !self.exists(doc).await? {
+            return Err(HistoryError::NoDocument);
+        }
+        Ok(rows.into_iter().map(Version::from).collect())
+    }
+
+    /// The document's whole state at version `id`, as a Yjs v1 update.
+    pub async fn state(&self, doc: &str, id: &str) -> Result<Vec<u8>, HistoryError> {
+        let (_, data, compression) = self
+            .versions()
+            .get(doc, id)
+            .await?
+            .ok_or(HistoryError::NoVersion)?;
+        Ok(unpack_snapshot(data, compression)?)
+    }
+
+    /// Makes the document's content equal to version `id`'s with new
+    /// changes, applied like any write (stored, then sent to every client);
+    /// answers the version recorded after it.
+    pub async fn restore(
+        &self,
+        doc: &str,
+        id: &str,
+        user: Option<Arc<str>>,
+    ) -> Result<Version, HistoryError> {
+        let target = self.state(doc, id).await?;
+        self.record(doc, Trigger::BeforeRestore, None).await?;
+        let current = self.rooms.read(doc, StateVector::default()).await?;
+        let changes = restore_changes(&current.update, &target)?;
+        if let Some(changes) = changes {
+            let update = Update::decode_v1(&changes)
+                .map_err(|_| HistoryError::Restore("its changes do not decode"))?;
+            self.rooms
+                .write(doc, Bytes::from(changes), update, user.clone())
+                .await?;
+        }
+        let after = self
+            .record(doc, Trigger::Request(None), user.as_deref())
+            .await?
+            .ok_or(HistoryError::NoDocument)?;
+        if let Some(webhooks) = &self.webhooks {
+            if let Err(error) = webhooks
+                .announce_restore(&*self.store, doc, after.authors.clone(), &after.id)
+                .await
+            {
+                tracing::warn!(%error, doc, "cannot queue the document.restored webhook");
+            }
+        }
+        Ok(after)
+    }
+
+    /// Records a version of the document as the server holds it now; `None`
+    /// when there is nothing to record (see [`Trigger`]). `also` is an
+    /// author to list whether or not the record of changes has them.
+    async fn record(
+        &self,
+        doc: &str,
+        trigger: Trigger,
+        also: Option<&str>,
+    ) -> Result<Option<Version>, HistoryError> {
+        let versions = self.versions();
+        let (name, taken) = match trigger {
+            Trigger::Quiet(since) => match versions.take_changes(doc, Some(since)).await? {
+                Some(authors) => (None, authors),
+                None => return Ok(None),
+            },
+            Trigger::Request(name) => {
+                if !self.exists(doc).await? {
+                    return Ok(None);
+                }
+                (
+                    name,
+                    versions.take_changes(doc, None).await?.unwrap_or_default(),
+                )
+            }
+            Trigger::BeforeRestore => match versions.take_changes(doc, None).await? {
+                Some(authors) => (None, authors),
+                None => match versions.list(doc).await?.into_iter().next() {
+                    Some(latest) => return Ok(Some(latest.into())),
+                    None => (None, Vec::new()),
+                },
+            },
+        };
+        let mut authors = taken;
+        if let Some(user) = also {
+            if !authors.iter().any(|a| a == user) {
+                authors.push(user.to_owned());
+            }
+        }
+        let state = self.rooms.read(doc, StateVector::default()).await?;
+        let at = now_ms();
+        let row = VersionRow {
+            id: format!("{at:x}{:08x}", rand::random::<u32>()),
+            at,
+            name,
+            authors: serde_json::to_string(&authors).expect("strings serialise"),
+        };
+        let (packed, compression) = pack_snapshot(&state.update);
+        versions.insert(doc, &row, &packed, compression).await?;
+        Ok(Some(row.into()))
+    }
+
+    async fn exists(&self, doc: &str) -> Result<bool, HistoryError> {
+        Ok(self.rooms.read(doc, StateVector::default()).await?.exists)
+    }
+
+    /// Records versions of documents gone quiet and drops unnamed versions
+    /// past the retention, until `shutdown`. Does nothing while history is
+    /// off (a retention of zero).
+    pub fn spawn(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if self.retention.is_zero() {
+            return None;
+        }
+        self.versions().track_changes();
+        Some(tokio::spawn(async move {
+            let mut quiet = tokio::time::interval(
+                (self.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            );
+            let mut expire = tokio::time::interval(
+                (self.retention / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
+            );
+            for tick in [&mut quiet, &mut expire] {
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
+            loop {
+                let round = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = quiet.tick() => self.record_quiet().await,
+                    _ = expire.tick() => self.expire().await,
+                };
+                if let Err(error) = round {
+                    tracing::warn!(%error, "history round failed; retrying");
+                }
+            }
+        }))
+    }
+
+    async fn record_quiet(&self) -> Result<(), HistoryError> {
+        let since = now_ms() - self.idle.as_millis() as i64;
+        for doc in self.versions().quiet(since, BATCH).await? {
+            self.record(&doc, Trigger::Quiet(since), None).await?;
+        }
+        Ok(())
+    }
+
+    async fn expire(&self) -> Result<(), HistoryError> {
+        let before = SystemTime::now()
+            .checked_sub(self.retention)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        let dropped = self.versions().expire(before).await?;
+        if dropped > 0 {
+            tracing::debug!(dropped, "dropped versions past the retention");
+        }
+        Ok(())
+    }
+}
+
+/// The changes that take `current` to `target`'s content, both whole
+/// states; yrs panics stay inside.
+fn restore_changes(current: &[u8], target: &[u8]) -> Result<Option<Vec<u8>>, HistoryError> {
+    let build = |state: &[u8]| -> Result<Doc, HistoryError> {
+        let doc = Doc::new();
+        let update = Update::decode_v1(state)
+            .map_err(|_| HistoryError::Restore("a state does not decode"))?;
+        guard::apply_all(&doc, vec![update])
+            .map_err(|_| HistoryError::Restore("a state does not apply"))?;
+        Ok(doc)
+    };
+    let (current, target) = (build(current)?, build(target)?);
+    let changes = catch_unwind(AssertUnwindSafe(|| {
+        crate::doc::restore::restore(&current, &target)
+    }));
+    guard::discard(current);
+    guard::discard(target);
+    changes.map_err(|_| HistoryError::Restore("yrs failed computing it"))
+}
