@@ -1,6 +1,7 @@
 //! Webhooks against a real HTTP receiver on loopback: signed, debounced,
 //! retried with one delivery id, durable across a SIGKILL, sent once with two
-//! replicas, and taken over when the replica holding the lease dies.
+//! replicas, taken over when the replica holding the lease dies, and sent
+//! for a restore.
 
 mod common;
 
@@ -312,4 +313,53 @@ fn bad_webhook_configuration_stops_the_server_at_start() {
     assert_ne!(code, 0);
     assert!(stderr.contains("invalid --webhook-url"), "{stderr}");
     assert!(!stderr.contains(SECRET), "the secret reached the output");
+}
+
+#[tokio::test]
+async fn a_restore_is_announced_with_the_version_it_recorded() {
+    let (receiver, addr) = Receiver::start("127.0.0.1:0".parse().unwrap(), vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = hooked(Server::sqlite(&dir), addr)
+        .env("CONCORD_JWT_SECRET", "jwt-secret-for-webhooks")
+        .start();
+    let doc = unique("hooked-restore");
+    let http = reqwest::Client::new();
+    let api = server.http(&format!("/api/docs/{doc}"));
+    write(&server, &doc, "first", Some(&token("ada"))).await;
+    let version: Value = http
+        .post(format!("{api}/versions"))
+        .bearer_auth(token("ada"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    write(&server, &doc, "second", Some(&token("ada"))).await;
+    let restored = http
+        .post(format!("{api}/restore"))
+        .bearer_auth(token("grace"))
+        .body(serde_json::json!({ "version": version["id"] }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restored.status(), 200);
+    let after: Value = restored.json().await.unwrap();
+    // The restore's own change is announced too, as document.changed.
+    let got = receiver.wait_for(2).await;
+    let events: Vec<Value> = got.iter().map(Received::json).collect();
+    let announced = events
+        .iter()
+        .find(|e| e["event"] == "document.restored")
+        .unwrap_or_else(|| panic!("no document.restored in {events:?}"));
+    assert_eq!(announced["doc"], doc.as_str());
+    assert_eq!(announced["version"], after["id"]);
+    assert!(announced["authors"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("grace")));
+    for r in &got {
+        assert_eq!(r.signature, expected_signature(&r.body));
+    }
 }

@@ -13,9 +13,14 @@ CREATE TABLE history_changes (
     authors  TEXT NOT NULL
 );
 
--- A version: the document's whole state at that point (lz4, as snapshots),
--- so reading or restoring one needs nothing else and compaction stays free
--- to fold the log. `authors` is a JSON array.
+-- A version: the changes since its parent version (`parent`, a `seq`), or
+-- the whole state where `parent` is NULL; `data` is lz4-packed as snapshots
+-- are. Reading one applies the chain from its nearest whole state; a whole
+-- state is stored again once the chain outweighs it. `sv` is the version's
+-- state vector, what the next version's changes are taken against.
+-- `chain_bytes` is the packed size of the changes since the whole state.
+-- Versions never depend on the update log, so compaction folds it freely.
+-- `authors` is a JSON array.
 CREATE TABLE document_versions (
     seq         BIGSERIAL PRIMARY KEY,
     id          TEXT NOT NULL UNIQUE,
@@ -23,9 +28,13 @@ CREATE TABLE document_versions (
     at          BIGINT NOT NULL,
     name        TEXT,
     authors     TEXT NOT NULL,
+    parent      BIGINT,
     data        BYTEA NOT NULL,
-    compression TEXT
+    compression TEXT,
+    sv          BYTEA NOT NULL,
+    chain_bytes BIGINT NOT NULL
 );
 
 CREATE INDEX document_versions_doc ON document_versions (doc, seq);
 CREATE INDEX document_versions_at ON document_versions (at);
+CREATE INDEX document_versions_parent ON document_versions (parent);

@@ -2,11 +2,14 @@
 //! before a restore; reading a version; restoring one; dropping unnamed
 //! versions past the retention.
 //!
-//! A version keeps the document's whole state (lz4-packed, as snapshots
-//! are), so compaction folds the log as before and a version never depends
-//! on rows that may be gone. Who changed a document since its last version
-//! is recorded with every append (`versions.rs`); recording a version takes
-//! that record, once, whichever replica gets there first.
+//! A version keeps the changes since the version before it (its parent), and
+//! every so often the whole state, once the chain of changes since the last
+//! whole state outweighs it: storage grows with what was typed, not with the
+//! size of the document at each version, and a read applies a bounded chain.
+//! Versions never depend on the update log, so compaction folds it as before.
+//! Who changed a document since its last version is recorded with every
+//! append (`versions.rs`); recording a version takes that record, once,
+//! whichever replica gets there first.
 
 pub mod versions;
 
@@ -18,18 +21,25 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 use yrs::{Doc, StateVector, Update};
 
 use crate::config::HistoryArgs;
 use crate::doc::guard;
 use crate::room::{RoomError, Rooms};
-use crate::store::{pack_snapshot, unpack_snapshot, Store, StoreError};
+use crate::store::{pack_snapshot, unpack_snapshot, Store, StoreError, SNAPSHOT_COMPRESSION};
 use crate::webhooks::outbox::now_ms;
 use crate::webhooks::Webhooks;
-use versions::{VersionRow, Versions};
+use versions::{Stored, VersionRow, Versions};
 
-/// Documents turned into versions per round at most; the rest wait a round.
+/// Documents turned into versions (or versions dropped) per round at most;
+/// the rest wait a round.
 const BATCH: i64 = 64;
+
+/// What each link of a chain counts for, beyond its bytes, when deciding to
+/// store a whole state again: a read fetches and applies every link, so many
+/// tiny ones cost too.
+const LINK_COST: usize = 256;
 
 /// A version as the API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -126,12 +136,17 @@ impl History {
 
     /// The document's whole state at version `id`, as a Yjs v1 update.
     pub async fn state(&self, doc: &str, id: &str) -> Result<Vec<u8>, HistoryError> {
-        let (_, data, compression) = self
+        let (_, stored) = self
             .versions()
             .get(doc, id)
             .await?
             .ok_or(HistoryError::NoVersion)?;
-        Ok(unpack_snapshot(data, compression)?)
+        let chain = self.versions().chain(stored.seq).await?;
+        let built = materialize(&chain)?;
+        let state = guard::encode_state(&built)
+            .map_err(|_| HistoryError::Restore("a version does not encode"));
+        guard::discard(built);
+        state
     }
 
     /// Makes the document's content equal to version `id`'s with new
@@ -195,8 +210,8 @@ impl History {
             }
             Trigger::BeforeRestore => match versions.take_changes(doc, None).await? {
                 Some(authors) => (None, authors),
-                None => match versions.list(doc).await?.into_iter().next() {
-                    Some(latest) => return Ok(Some(latest.into())),
+                None => match versions.latest(doc).await? {
+                    Some((latest, _)) => return Ok(Some(latest.into())),
                     None => (None, Vec::new()),
                 },
             },
@@ -207,7 +222,8 @@ impl History {
                 authors.push(user.to_owned());
             }
         }
-        let state = self.rooms.read(doc, StateVector::default()).await?;
+        let now = self.rooms.read(doc, StateVector::default()).await?;
+        let content = self.content(&now.update, versions.latest(doc).await?)?;
         let at = now_ms();
         let row = VersionRow {
             id: format!("{at:x}{:08x}", rand::random::<u32>()),
@@ -215,9 +231,49 @@ impl History {
             name,
             authors: serde_json::to_string(&authors).expect("strings serialise"),
         };
-        let (packed, compression) = pack_snapshot(&state.update);
-        versions.insert(doc, &row, &packed, compression).await?;
+        versions.insert(doc, &row, &content).await?;
         Ok(Some(row.into()))
+    }
+
+    /// What to store for a version whose whole state is `state`: the changes
+    /// since `latest`, or the whole state when there is no latest or when the
+    /// chain since the last whole state would outweigh it.
+    fn content(
+        &self,
+        state: &[u8],
+        latest: Option<(VersionRow, Stored)>,
+    ) -> Result<Stored, HistoryError> {
+        let built = build(state)?;
+        let sv = yrs::ReadTxn::state_vector(&yrs::Transact::transact(&built));
+        let (whole, compression) = pack_snapshot(state);
+        let whole = Stored {
+            seq: 0,
+            parent: None,
+            data: whole,
+            compression: Some(compression.to_owned()),
+            sv: sv.encode_v1(),
+            chain_bytes: 0,
+        };
+        let Some((_, parent)) = latest else {
+            guard::discard(built);
+            return Ok(whole);
+        };
+        let since = StateVector::decode_v1(&parent.sv)
+            .map_err(|_| HistoryError::Restore("a version's state vector does not decode"))?;
+        let changes = guard::encode_diff(&built, &since);
+        guard::discard(built);
+        let changes = changes.map_err(|_| HistoryError::Restore("the document does not encode"))?;
+        let (packed, _) = pack_snapshot(&changes);
+        let chain_bytes = parent.chain_bytes + (packed.len() + LINK_COST) as i64;
+        if chain_bytes > whole.data.len() as i64 {
+            return Ok(whole);
+        }
+        Ok(Stored {
+            parent: Some(parent.seq),
+            data: packed,
+            chain_bytes,
+            ..whole
+        })
     }
 
     async fn exists(&self, doc: &str) -> Result<bool, HistoryError> {
@@ -266,17 +322,95 @@ impl History {
         Ok(())
     }
 
+    /// Drops unnamed versions past the retention. A version whose parent
+    /// goes is rewritten first against its grandparent (or as a whole
+    /// state), so a crash in between leaves every version readable.
     async fn expire(&self) -> Result<(), HistoryError> {
         let before = SystemTime::now()
             .checked_sub(self.retention)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as i64);
-        let dropped = self.versions().expire(before).await?;
-        if dropped > 0 {
-            tracing::debug!(dropped, "dropped versions past the retention");
+        let versions = self.versions();
+        let expired = versions.expired(before, BATCH).await?;
+        for &seq in &expired {
+            let chain = versions.chain(seq).await?;
+            for child in versions.children(seq).await? {
+                let mut links = chain.clone();
+                links.push(child.clone());
+                let built = materialize(&links)?;
+                let grandparent = chain.len().checked_sub(2).map(|i| &chain[i]);
+                let rewritten = rebase(&built, child.seq, grandparent);
+                guard::discard(built);
+                versions.rewrite(&rewritten?).await?;
+            }
+            versions.delete(seq).await?;
+        }
+        if !expired.is_empty() {
+            tracing::debug!(
+                dropped = expired.len(),
+                "dropped versions past the retention"
+            );
         }
         Ok(())
     }
+}
+
+/// The content of version `seq` (whose state is `built`) taken against
+/// `parent`, or as a whole state without one.
+fn rebase(built: &Doc, seq: i64, parent: Option<&Stored>) -> Result<Stored, HistoryError> {
+    let unencodable = |_| HistoryError::Restore("a version does not encode");
+    let (data, chain_bytes) = match parent {
+        Some(parent) => {
+            let since = StateVector::decode_v1(&parent.sv)
+                .map_err(|_| HistoryError::Restore("a version's state vector does not decode"))?;
+            let (packed, _) =
+                pack_snapshot(&guard::encode_diff(built, &since).map_err(unencodable)?);
+            let chain = parent.chain_bytes + (packed.len() + LINK_COST) as i64;
+            (packed, chain)
+        }
+        None => (
+            pack_snapshot(&guard::encode_state(built).map_err(unencodable)?).0,
+            0,
+        ),
+    };
+    Ok(Stored {
+        seq,
+        parent: parent.map(|p| p.seq),
+        data,
+        compression: Some(SNAPSHOT_COMPRESSION.to_owned()),
+        sv: yrs::ReadTxn::state_vector(&yrs::Transact::transact(built)).encode_v1(),
+        chain_bytes,
+    })
+}
+
+/// A document built from a version's chain (whole state first).
+fn materialize(chain: &[Stored]) -> Result<Doc, HistoryError> {
+    let doc = Doc::new();
+    let mut updates = Vec::with_capacity(chain.len());
+    for link in chain {
+        let raw = unpack_snapshot(link.data.clone(), link.compression.clone())?;
+        updates.push(
+            Update::decode_v1(&raw)
+                .map_err(|_| HistoryError::Restore("a version does not decode"))?,
+        );
+    }
+    if guard::apply_all(&doc, updates).is_err() {
+        guard::discard(doc);
+        return Err(HistoryError::Restore("a version does not apply"));
+    }
+    Ok(doc)
+}
+
+/// A document built from a whole state.
+fn build(state: &[u8]) -> Result<Doc, HistoryError> {
+    let doc = Doc::new();
+    let update =
+        Update::decode_v1(state).map_err(|_| HistoryError::Restore("a state does not decode"))?;
+    if guard::apply_all(&doc, vec![update]).is_err() {
+        guard::discard(doc);
+        return Err(HistoryError::Restore("a state does not apply"));
+    }
+    Ok(doc)
 }
 
 /// The changes that take `current` to `target`'s content, both whole

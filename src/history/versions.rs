@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::store::StoreError;
 
-/// A version without its state, as listed.
+/// A version without its content, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionRow {
     pub id: String,
@@ -18,6 +18,21 @@ pub struct VersionRow {
     pub name: Option<String>,
     /// A JSON array of subs.
     pub authors: String,
+}
+
+/// A version's content as stored: the changes since `parent`, or the whole
+/// state without one (see the migration `0004_history.sql`).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: i64,
+    pub parent: Option<i64>,
+    /// Packed (lz4) as snapshots are, named by `compression`.
+    pub data: Vec<u8>,
+    pub compression: Option<String>,
+    /// The version's state vector, encoded.
+    pub sv: Vec<u8>,
+    /// Packed bytes of the changes since the nearest whole state.
+    pub chain_bytes: i64,
 }
 
 /// Times are milliseconds since the Unix epoch.
@@ -39,25 +54,33 @@ pub trait Versions: Send + Sync {
         quiet_since: Option<i64>,
     ) -> Result<Option<Vec<String>>, StoreError>;
 
-    /// Stores a version: `state` is the document's whole state, packed.
-    async fn insert(
-        &self,
-        doc: &str,
-        row: &VersionRow,
-        state: &[u8],
-        compression: &str,
-    ) -> Result<(), StoreError>;
+    /// Stores a version (`content.seq` is ignored).
+    async fn insert(&self, doc: &str, row: &VersionRow, content: &Stored)
+        -> Result<(), StoreError>;
 
     /// The document's versions, newest first.
     async fn list(&self, doc: &str) -> Result<Vec<VersionRow>, StoreError>;
 
-    /// One of the document's versions and its packed state and compression.
-    async fn get(
-        &self,
-        doc: &str,
-        id: &str,
-    ) -> Result<Option<(VersionRow, Vec<u8>, Option<String>)>, StoreError>;
+    /// The document's newest version and its content.
+    async fn latest(&self, doc: &str) -> Result<Option<(VersionRow, Stored)>, StoreError>;
 
-    /// Drops unnamed versions recorded before `before`; how many.
-    async fn expire(&self, before: i64) -> Result<u64, StoreError>;
+    /// One of the document's versions and its content.
+    async fn get(&self, doc: &str, id: &str) -> Result<Option<(VersionRow, Stored)>, StoreError>;
+
+    /// What reading version `seq` takes: its content and its parents',
+    /// the whole state first.
+    async fn chain(&self, seq: i64) -> Result<Vec<Stored>, StoreError>;
+
+    /// Versions whose parent is `seq`.
+    async fn children(&self, seq: i64) -> Result<Vec<Stored>, StoreError>;
+
+    /// Replaces a version's content (when its parent goes away).
+    async fn rewrite(&self, content: &Stored) -> Result<(), StoreError>;
+
+    /// Unnamed versions recorded before `before`, oldest first, leaving out
+    /// each document's newest (the base its next version is taken against).
+    async fn expired(&self, before: i64, limit: i64) -> Result<Vec<i64>, StoreError>;
+
+    /// Removes a version.
+    async fn delete(&self, seq: i64) -> Result<(), StoreError>;
 }

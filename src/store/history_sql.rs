@@ -3,6 +3,53 @@
 //! `QueryBuilder` writes each one's placeholders. `DELETE … RETURNING` takes
 //! a change atomically on both, so one replica alone records its version.
 
+/// The columns of `Stored`, in its order.
+pub(super) const STORED: &str = "seq, parent, data, compression, sv, chain_bytes";
+/// The columns of `VersionRow`, in its order.
+pub(super) const ROW: &str = "id, at, name, authors";
+
+pub(super) type StoredRow = (i64, Option<i64>, Vec<u8>, Option<String>, Vec<u8>, i64);
+pub(super) type RowAndStored = (
+    String,
+    i64,
+    Option<String>,
+    String,
+    i64,
+    Option<i64>,
+    Vec<u8>,
+    Option<String>,
+    Vec<u8>,
+    i64,
+);
+
+pub(super) fn stored(r: StoredRow) -> crate::history::versions::Stored {
+    crate::history::versions::Stored {
+        seq: r.0,
+        parent: r.1,
+        data: r.2,
+        compression: r.3,
+        sv: r.4,
+        chain_bytes: r.5,
+    }
+}
+
+pub(super) fn row_and_stored(
+    r: RowAndStored,
+) -> (
+    crate::history::versions::VersionRow,
+    crate::history::versions::Stored,
+) {
+    (
+        crate::history::versions::VersionRow {
+            id: r.0,
+            at: r.1,
+            name: r.2,
+            authors: r.3,
+        },
+        stored((r.4, r.5, r.6, r.7, r.8, r.9)),
+    )
+}
+
 /// Implements `Versions` for a store with a `pool` and `tracking`.
 macro_rules! impl_versions {
     ($store:ty, $db:ty) => {
@@ -50,11 +97,11 @@ macro_rules! impl_versions {
                 &self,
                 doc: &str,
                 row: &crate::history::versions::VersionRow,
-                state: &[u8],
-                compression: &str,
+                content: &crate::history::versions::Stored,
             ) -> Result<(), crate::store::StoreError> {
                 let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO document_versions (id, doc, at, name, authors, data, compression) ",
+                    "INSERT INTO document_versions \
+                     (id, doc, at, name, authors, parent, data, compression, sv, chain_bytes) ",
                 );
                 q.push_values([()], |mut b, ()| {
                     b.push_bind(row.id.as_str())
@@ -62,8 +109,11 @@ macro_rules! impl_versions {
                         .push_bind(row.at)
                         .push_bind(row.name.as_deref())
                         .push_bind(row.authors.as_str())
-                        .push_bind(state)
-                        .push_bind(compression);
+                        .push_bind(content.parent)
+                        .push_bind(&content.data[..])
+                        .push_bind(content.compression.as_deref())
+                        .push_bind(&content.sv[..])
+                        .push_bind(content.chain_bytes);
                 });
                 q.build().execute(&self.pool).await?;
                 Ok(())
@@ -73,9 +123,10 @@ macro_rules! impl_versions {
                 &self,
                 doc: &str,
             ) -> Result<Vec<crate::history::versions::VersionRow>, crate::store::StoreError> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT id, at, name, authors FROM document_versions WHERE doc = ",
-                );
+                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM document_versions WHERE doc = ",
+                    history_sql::ROW
+                ));
                 q.push_bind(doc).push(" ORDER BY seq DESC");
                 let rows: Vec<(String, i64, Option<String>, String)> =
                     q.build_query_as().fetch_all(&self.pool).await?;
@@ -90,40 +141,126 @@ macro_rules! impl_versions {
                     .collect())
             }
 
+            async fn latest(
+                &self,
+                doc: &str,
+            ) -> Result<
+                Option<(
+                    crate::history::versions::VersionRow,
+                    crate::history::versions::Stored,
+                )>,
+                crate::store::StoreError,
+            > {
+                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {}, {} FROM document_versions WHERE doc = ",
+                    history_sql::ROW,
+                    history_sql::STORED
+                ));
+                q.push_bind(doc).push(" ORDER BY seq DESC LIMIT 1");
+                let row: Option<history_sql::RowAndStored> =
+                    q.build_query_as().fetch_optional(&self.pool).await?;
+                Ok(row.map(history_sql::row_and_stored))
+            }
+
             async fn get(
                 &self,
                 doc: &str,
                 id: &str,
             ) -> Result<
-                Option<(crate::history::versions::VersionRow, Vec<u8>, Option<String>)>,
+                Option<(
+                    crate::history::versions::VersionRow,
+                    crate::history::versions::Stored,
+                )>,
                 crate::store::StoreError,
             > {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT id, at, name, authors, data, compression FROM document_versions WHERE doc = ",
-                );
+                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {}, {} FROM document_versions WHERE doc = ",
+                    history_sql::ROW,
+                    history_sql::STORED
+                ));
                 q.push_bind(doc).push(" AND id = ").push_bind(id);
-                let row: Option<(String, i64, Option<String>, String, Vec<u8>, Option<String>)> =
+                let row: Option<history_sql::RowAndStored> =
                     q.build_query_as().fetch_optional(&self.pool).await?;
-                Ok(row.map(|(id, at, name, authors, data, compression)| {
-                    (
-                        crate::history::versions::VersionRow {
-                            id,
-                            at,
-                            name,
-                            authors,
-                        },
-                        data,
-                        compression,
-                    )
-                }))
+                Ok(row.map(history_sql::row_and_stored))
             }
 
-            async fn expire(&self, before: i64) -> Result<u64, crate::store::StoreError> {
+            async fn chain(
+                &self,
+                seq: i64,
+            ) -> Result<Vec<crate::history::versions::Stored>, crate::store::StoreError> {
                 let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "DELETE FROM document_versions WHERE name IS NULL AND at < ",
+                    "WITH RECURSIVE chain (seq, parent, data, compression, sv, chain_bytes, depth) AS (
+                       SELECT seq, parent, data, compression, sv, chain_bytes, 0
+                       FROM document_versions WHERE seq = ",
                 );
-                q.push_bind(before);
-                Ok(q.build().execute(&self.pool).await?.rows_affected())
+                q.push_bind(seq).push(
+                    " UNION ALL
+                       SELECT v.seq, v.parent, v.data, v.compression, v.sv, v.chain_bytes, c.depth + 1
+                       FROM document_versions v JOIN chain c ON v.seq = c.parent)
+                     SELECT seq, parent, data, compression, sv, chain_bytes FROM chain ORDER BY depth DESC",
+                );
+                let rows: Vec<history_sql::StoredRow> =
+                    q.build_query_as().fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(history_sql::stored).collect())
+            }
+
+            async fn children(
+                &self,
+                seq: i64,
+            ) -> Result<Vec<crate::history::versions::Stored>, crate::store::StoreError> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM document_versions WHERE parent = ",
+                    history_sql::STORED
+                ));
+                q.push_bind(seq);
+                let rows: Vec<history_sql::StoredRow> =
+                    q.build_query_as().fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(history_sql::stored).collect())
+            }
+
+            async fn rewrite(
+                &self,
+                content: &crate::history::versions::Stored,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut q =
+                    sqlx::QueryBuilder::<$db>::new("UPDATE document_versions SET parent = ");
+                q.push_bind(content.parent)
+                    .push(", data = ")
+                    .push_bind(&content.data[..])
+                    .push(", compression = ")
+                    .push_bind(content.compression.as_deref())
+                    .push(", chain_bytes = ")
+                    .push_bind(content.chain_bytes)
+                    .push(" WHERE seq = ")
+                    .push_bind(content.seq);
+                q.build().execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn expired(
+                &self,
+                before: i64,
+                limit: i64,
+            ) -> Result<Vec<i64>, crate::store::StoreError> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT v.seq FROM document_versions v WHERE v.name IS NULL AND v.at < ",
+                );
+                q.push_bind(before)
+                    .push(
+                        " AND v.seq < (SELECT MAX(n.seq) FROM document_versions n WHERE n.doc = v.doc)
+                         ORDER BY v.seq LIMIT ",
+                    )
+                    .push_bind(limit);
+                let rows: Vec<(i64,)> = q.build_query_as().fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(|(s,)| s).collect())
+            }
+
+            async fn delete(&self, seq: i64) -> Result<(), crate::store::StoreError> {
+                let mut q =
+                    sqlx::QueryBuilder::<$db>::new("DELETE FROM document_versions WHERE seq = ");
+                q.push_bind(seq);
+                q.build().execute(&self.pool).await?;
+                Ok(())
             }
         }
     };

@@ -163,11 +163,11 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
 /// Snapshots are stored lz4-compressed: a 10 MB text document shrinks to
 /// tens of kilobytes, and moving the plain bytes out of PostgreSQL took most
 /// of its cold load (37 ms of 47). Decompressing costs a few milliseconds.
-const SNAPSHOT_LZ4: &str = "lz4";
+pub(crate) const SNAPSHOT_COMPRESSION: &str = "lz4";
 
 /// A folded document state as stored: the bytes and their `compression`.
 pub(crate) fn pack_snapshot(state: &[u8]) -> (Vec<u8>, &'static str) {
-    (lz4_flex::compress_prepend_size(state), SNAPSHOT_LZ4)
+    (lz4_flex::compress_prepend_size(state), SNAPSHOT_COMPRESSION)
 }
 
 /// A stored snapshot back to a Yjs v1 update.
@@ -177,7 +177,7 @@ pub(crate) fn unpack_snapshot(
 ) -> Result<Vec<u8>, StoreError> {
     match compression.as_deref() {
         None => Ok(data),
-        Some(SNAPSHOT_LZ4) => lz4_flex::decompress_size_prepended(&data)
+        Some(SNAPSHOT_COMPRESSION) => lz4_flex::decompress_size_prepended(&data)
             .map_err(|e| StoreError::Corrupt(format!("snapshot: {e}"))),
         Some(other) => Err(StoreError::Corrupt(format!(
             "snapshot compressed with unknown {other:?}"
