@@ -272,6 +272,9 @@ test('history routes answer 404 for unknown versions, 400 for bad bodies, 401 an
     const res = await fetch(`${sqlite.http}${path}${route}`, { method, body: body && JSON.stringify(body) })
     assert.equal(res.status, 401, `${method} ${route} without a token`)
   }
+  for (const query of ['?format=json', `?version=${foreign}`]) {
+    assert.equal((await fetch(`${sqlite.http}${path}${query}`)).status, 401, `GET ${query} without a token`)
+  }
   assert.equal((await api(sqlite, 'GET', `${path}/versions`, reader)).status, 200)
   assert.equal((await api(sqlite, 'POST', `${path}/versions`, reader, {})).status, 403)
   assert.equal((await api(sqlite, 'POST', `${path}/restore`, reader, { version: foreign })).status, 403)
