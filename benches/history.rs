@@ -9,6 +9,8 @@
 //! `document_versions` holds afterwards, next to what storing each version's
 //! whole state (lz4-packed, as snapshots are) would have taken.
 
+// Shared with the other benchmarks; this one needs only the report helpers.
+#[allow(dead_code)]
 mod common;
 
 use std::sync::Arc;
@@ -26,9 +28,36 @@ use yrs::updates::decoder::Decode;
 use yrs::{Doc, ReadTxn, StateVector, Text, Transact, Update};
 
 const WORDS: &[&str] = &[
-    "the", "document", "server", "keeps", "every", "version", "of", "what", "was", "typed", "and",
-    "who", "changed", "it", "a", "restore", "brings", "back", "an", "earlier", "state", "without",
-    "rewriting", "history", "editors", "stay", "connected", "while", "text", "merges",
+    "the",
+    "document",
+    "server",
+    "keeps",
+    "every",
+    "version",
+    "of",
+    "what",
+    "was",
+    "typed",
+    "and",
+    "who",
+    "changed",
+    "it",
+    "a",
+    "restore",
+    "brings",
+    "back",
+    "an",
+    "earlier",
+    "state",
+    "without",
+    "rewriting",
+    "history",
+    "editors",
+    "stay",
+    "connected",
+    "while",
+    "text",
+    "merges",
 ];
 
 fn main() {
@@ -107,7 +136,11 @@ async fn measure(typed_total: usize, cadence: usize) -> String {
         {
             let mut txn = writer.transact_mut();
             let len = text.len(&txn);
-            let at = if next() % 10 == 0 && len > 0 { next() as u32 % len } else { len };
+            let at = if next() % 10 == 0 && len > 0 {
+                next() as u32 % len
+            } else {
+                len
+            };
             text.insert(&mut txn, at, &chunk);
             run += 1;
             if run % 10 == 0 && len > 64 {
@@ -137,12 +170,11 @@ async fn measure(typed_total: usize, cadence: usize) -> String {
     }
     let final_text = text.len(&writer.transact()) as usize;
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    let (chained,): (i64,) = sqlx::query_as(
-        "SELECT COALESCE(SUM(LENGTH(data) + LENGTH(sv)), 0) FROM document_versions",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
+    let (chained,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(SUM(LENGTH(data) + LENGTH(sv)), 0) FROM document_versions")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
     let per_mb = |bytes: f64| bytes / (typed as f64 / 1e6);
     format!(
         "| {} KB | {versions} | {:.0} KB | {:.2} MB | {:.2} MB | {:.1} MB | {:.1} MB |\n",

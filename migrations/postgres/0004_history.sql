@@ -2,15 +2,20 @@
 -- `sub`, NULL without auth); `created_at` already keeps when it was accepted.
 ALTER TABLE document_updates ADD COLUMN author TEXT;
 
--- A document changed since its last version: written in the transaction
--- that stores the changes, taken (deleted) by the one replica that records
--- the next version. Times are milliseconds since the epoch; `authors` is
--- newline-separated JSON strings, as in webhook_changes.
+-- A document changed since its last version, and who changed it: written in
+-- the transaction that stores the changes (one statement each per commit,
+-- whatever it holds), taken (deleted) by the one replica that records the
+-- next version. Times are milliseconds since the epoch.
 CREATE TABLE history_changes (
     doc      TEXT PRIMARY KEY,
     first_at BIGINT NOT NULL,
-    last_at  BIGINT NOT NULL,
-    authors  TEXT NOT NULL
+    last_at  BIGINT NOT NULL
+);
+
+CREATE TABLE history_authors (
+    doc    TEXT NOT NULL,
+    author TEXT NOT NULL,
+    PRIMARY KEY (doc, author)
 );
 
 -- A version: the changes since its parent version (`parent`, a `seq`), or

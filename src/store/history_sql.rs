@@ -1,7 +1,54 @@
 //! The history's statements (`history/versions.rs` says what they keep),
 //! written once for both databases: they read the same on each, and
 //! `QueryBuilder` writes each one's placeholders. `DELETE … RETURNING` takes
-//! a change atomically on both, so one replica alone records its version.
+//! a change atomically on both, so one replica alone records its version;
+//! its authors go in the same transaction (an append that changes the
+//! document meanwhile waits on the change row, so its author is not taken).
+
+/// Rows per statement when recording changes, well inside either
+/// database's limit on bound parameters.
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// What an append records for history, in its transaction: which documents
+/// changed (one upsert) and who changed them (one insert that skips pairs
+/// already there). Documents in sorted order, so appends running at once
+/// (Postgres) lock their rows in one order and cannot deadlock.
+pub(super) fn record<'a, DB>(
+    batch: &'a [crate::store::NewUpdate],
+    now: i64,
+) -> Vec<sqlx::QueryBuilder<'a, DB>>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let docs: std::collections::BTreeSet<&str> = batch.iter().map(|u| &*u.doc).collect();
+    let authors: std::collections::BTreeSet<(&str, &str)> = batch
+        .iter()
+        .filter_map(|u| Some((&*u.doc, u.user.as_deref()?)))
+        .collect();
+    let docs: Vec<&str> = docs.into_iter().collect();
+    let authors: Vec<(&str, &str)> = authors.into_iter().collect();
+    let mut queries = Vec::new();
+    for chunk in docs.chunks(ROWS_PER_STATEMENT) {
+        let mut q =
+            sqlx::QueryBuilder::new("INSERT INTO history_changes (doc, first_at, last_at) ");
+        q.push_values(chunk.iter().copied(), |mut row, doc| {
+            row.push_bind(doc).push_bind(now).push_bind(now);
+        });
+        q.push(" ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at");
+        queries.push(q);
+    }
+    for chunk in authors.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::new("INSERT INTO history_authors (doc, author) ");
+        q.push_values(chunk.iter().copied(), |mut row, (doc, author)| {
+            row.push_bind(doc).push_bind(author);
+        });
+        q.push(" ON CONFLICT DO NOTHING");
+        queries.push(q);
+    }
+    queries
+}
 
 /// The columns of `Stored`, in its order.
 pub(super) const STORED: &str = "seq, parent, data, compression, sv, chain_bytes";
@@ -81,16 +128,25 @@ macro_rules! impl_versions {
                 doc: &str,
                 quiet_since: Option<i64>,
             ) -> Result<Option<Vec<String>>, crate::store::StoreError> {
+                let mut txn = self.pool.begin().await?;
                 let mut q =
                     sqlx::QueryBuilder::<$db>::new("DELETE FROM history_changes WHERE doc = ");
                 q.push_bind(doc);
                 if let Some(since) = quiet_since {
                     q.push(" AND last_at <= ").push_bind(since);
                 }
-                q.push(" RETURNING authors");
-                let row: Option<(String,)> =
-                    q.build_query_as().fetch_optional(&self.pool).await?;
-                Ok(row.map(|(a,)| crate::webhooks::outbox::parse_authors(&a)))
+                q.push(" RETURNING doc");
+                let taken: Option<(String,)> = q.build_query_as().fetch_optional(&mut *txn).await?;
+                if taken.is_none() {
+                    return Ok(None);
+                }
+                let mut q =
+                    sqlx::QueryBuilder::<$db>::new("DELETE FROM history_authors WHERE doc = ");
+                q.push_bind(doc).push(" RETURNING author");
+                let mut authors: Vec<(String,)> = q.build_query_as().fetch_all(&mut *txn).await?;
+                txn.commit().await?;
+                authors.sort();
+                Ok(Some(authors.into_iter().map(|(a,)| a).collect()))
             }
 
             async fn insert(

@@ -136,18 +136,26 @@ pub(crate) struct Tracking {
     history: std::sync::atomic::AtomicBool,
 }
 
+/// What one append records: for webhooks, for history.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Track {
+    webhooks: bool,
+    history: bool,
+}
+
+impl Track {
+    fn any(self) -> bool {
+        self.webhooks || self.history
+    }
+}
+
 impl Tracking {
-    /// The tables to record changes in.
-    fn tables(&self) -> Vec<&'static str> {
+    fn now(&self) -> Track {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut tables = Vec::new();
-        if self.webhooks.load(Relaxed) {
-            tables.push("webhook_changes");
+        Track {
+            webhooks: self.webhooks.load(Relaxed),
+            history: self.history.load(Relaxed),
         }
-        if self.history.load(Relaxed) {
-            tables.push("history_changes");
-        }
-        tables
     }
 }
 

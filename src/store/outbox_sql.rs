@@ -10,11 +10,9 @@ use crate::webhooks::outbox::ChangeRow;
 /// Deliveries waiting, and when the oldest of their events was made.
 pub(super) const BACKLOG: &str = "SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries";
 
-/// Records one (document, author) change in `table` (`webhook_changes` or
-/// `history_changes`, which have one shape); `contains` is the database's
+/// Records one (document, author) change; `contains` is the database's
 /// `(haystack, needle)` substring position function.
 pub(super) fn record_change<'a, DB>(
-    table: &str,
     row: &'a ChangeRow<'a>,
     now: i64,
     contains: &str,
@@ -24,9 +22,8 @@ where
     i64: Encode<'a, DB> + Type<DB>,
     &'a str: Encode<'a, DB> + Type<DB>,
 {
-    let mut q = QueryBuilder::new(format!(
-        "INSERT INTO {table} (doc, first_at, last_at, authors) VALUES ("
-    ));
+    let mut q =
+        QueryBuilder::new("INSERT INTO webhook_changes (doc, first_at, last_at, authors) VALUES (");
     q.push_bind(row.doc)
         .push(", ")
         .push_bind(now)
@@ -36,11 +33,9 @@ where
         .push_bind(row.initial.as_str())
         .push(") ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at, authors = CASE WHEN ")
         .push_bind(row.marker.as_str())
-        .push(format!(" = '' OR {contains}({table}.authors, "))
+        .push(format!(" = '' OR {contains}(webhook_changes.authors, "))
         .push_bind(row.marker.as_str())
-        .push(format!(
-            ") > 0 THEN {table}.authors ELSE {table}.authors || "
-        ))
+        .push(") > 0 THEN webhook_changes.authors ELSE webhook_changes.authors || ")
         .push_bind(row.addition.as_str())
         .push(" END");
     q

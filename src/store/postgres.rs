@@ -17,7 +17,7 @@ use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
     history_sql, insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded,
-    NewUpdate, Store, StoreError, StoredDoc, Tracking,
+    NewUpdate, Store, StoreError, StoredDoc, Track, Tracking,
 };
 use crate::history::versions::Versions;
 use crate::webhooks::outbox::{
@@ -122,8 +122,8 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let mut conn = self.appender().await?;
-        let track = self.tracking.tables();
-        let appended = append_on(&mut conn, batch, &track).await;
+        let track = self.tracking.now();
+        let appended = append_on(&mut conn, batch, track).await;
         if appended.is_ok() {
             let mut idle = self.appenders.lock().expect("appenders lock");
             if idle.len() < CONCURRENT_APPENDS {
@@ -226,9 +226,9 @@ history_sql::impl_versions!(PostgresStore, Postgres);
 async fn append_on(
     conn: &mut PgConnection,
     batch: &[NewUpdate],
-    track: &[&str],
+    track: Track,
 ) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT && track.is_empty() {
+    if batch.len() <= ROWS_PER_INSERT && !track.any() {
         insert_rows::<Postgres>(batch)
             .build()
             .execute(&mut *conn)
@@ -243,12 +243,17 @@ async fn append_on(
             .await?;
     }
     let now = now_ms();
-    for table in track {
+    if track.webhooks {
         for row in change_rows(batch) {
-            outbox_sql::record_change::<Postgres>(table, &row, now, "strpos")
+            outbox_sql::record_change::<Postgres>(&row, now, "strpos")
                 .build()
                 .execute(&mut *txn)
                 .await?;
+        }
+    }
+    if track.history {
+        for mut query in history_sql::record(batch, now) {
+            query.build().execute(&mut *txn).await?;
         }
     }
     txn.commit().await?;

@@ -15,7 +15,7 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{
     history_sql, insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded,
-    NewUpdate, Store, StoreError, StoredDoc, Tracking,
+    NewUpdate, Store, StoreError, StoredDoc, Track, Tracking,
 };
 use crate::history::versions::Versions;
 use crate::webhooks::outbox::{
@@ -113,8 +113,8 @@ impl Store for SqliteStore {
             Some(conn) => conn,
             None => appender.insert(SqliteConnection::connect_with(&self.options).await?),
         };
-        let track = self.tracking.tables();
-        let appended = append_on(conn, batch, &track).await;
+        let track = self.tracking.now();
+        let appended = append_on(conn, batch, track).await;
         if appended.is_err() {
             // The next commit opens another.
             *appender = None;
@@ -210,9 +210,9 @@ history_sql::impl_versions!(SqliteStore, Sqlite);
 async fn append_on(
     conn: &mut SqliteConnection,
     batch: &[NewUpdate],
-    track: &[&str],
+    track: Track,
 ) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT && track.is_empty() {
+    if batch.len() <= ROWS_PER_INSERT && !track.any() {
         insert_rows::<Sqlite>(batch)
             .build()
             .execute(&mut *conn)
@@ -227,12 +227,17 @@ async fn append_on(
             .await?;
     }
     let now = now_ms();
-    for table in track {
+    if track.webhooks {
         for row in change_rows(batch) {
-            outbox_sql::record_change::<Sqlite>(table, &row, now, "instr")
+            outbox_sql::record_change::<Sqlite>(&row, now, "instr")
                 .build()
                 .execute(&mut *txn)
                 .await?;
+        }
+    }
+    if track.history {
+        for mut query in history_sql::record(batch, now) {
+            query.build().execute(&mut *txn).await?;
         }
     }
     txn.commit().await?;
