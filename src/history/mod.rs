@@ -138,7 +138,7 @@ impl History {
     pub async fn state(&self, doc: &str, id: &str) -> Result<Vec<u8>, HistoryError> {
         let (_, stored) = self
             .versions()
-            .get(doc, id)
+            .find(doc, Some(id))
             .await?
             .ok_or(HistoryError::NoVersion)?;
         let chain = self.versions().chain(stored.seq).await?;
@@ -210,7 +210,7 @@ impl History {
             }
             Trigger::BeforeRestore => match versions.take_changes(doc, None).await? {
                 Some(authors) => (None, authors),
-                None => match versions.latest(doc).await? {
+                None => match versions.find(doc, None).await? {
                     Some((latest, _)) => return Ok(Some(latest.into())),
                     None => (None, Vec::new()),
                 },
@@ -223,7 +223,7 @@ impl History {
             }
         }
         let now = self.rooms.read(doc, StateVector::default()).await?;
-        let content = self.content(&now.update, versions.latest(doc).await?)?;
+        let content = self.content(&now.update, versions.find(doc, None).await?)?;
         let at = now_ms();
         let row = VersionRow {
             id: format!("{at:x}{:08x}", rand::random::<u32>()),

@@ -61,11 +61,12 @@ pub trait Versions: Send + Sync {
     /// The document's versions, newest first.
     async fn list(&self, doc: &str) -> Result<Vec<VersionRow>, StoreError>;
 
-    /// The document's newest version and its content.
-    async fn latest(&self, doc: &str) -> Result<Option<(VersionRow, Stored)>, StoreError>;
-
-    /// One of the document's versions and its content.
-    async fn get(&self, doc: &str, id: &str) -> Result<Option<(VersionRow, Stored)>, StoreError>;
+    /// The document's version `id` (its newest without one) and its content.
+    async fn find(
+        &self,
+        doc: &str,
+        id: Option<&str>,
+    ) -> Result<Option<(VersionRow, Stored)>, StoreError>;
 
     /// What reading version `seq` takes: its content and its parents',
     /// the whole state first.

@@ -197,9 +197,10 @@ macro_rules! impl_versions {
                     .collect())
             }
 
-            async fn latest(
+            async fn find(
                 &self,
                 doc: &str,
+                id: Option<&str>,
             ) -> Result<
                 Option<(
                     crate::history::versions::VersionRow,
@@ -212,29 +213,11 @@ macro_rules! impl_versions {
                     history_sql::ROW,
                     history_sql::STORED
                 ));
-                q.push_bind(doc).push(" ORDER BY seq DESC LIMIT 1");
-                let row: Option<history_sql::RowAndStored> =
-                    q.build_query_as().fetch_optional(&self.pool).await?;
-                Ok(row.map(history_sql::row_and_stored))
-            }
-
-            async fn get(
-                &self,
-                doc: &str,
-                id: &str,
-            ) -> Result<
-                Option<(
-                    crate::history::versions::VersionRow,
-                    crate::history::versions::Stored,
-                )>,
-                crate::store::StoreError,
-            > {
-                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {}, {} FROM document_versions WHERE doc = ",
-                    history_sql::ROW,
-                    history_sql::STORED
-                ));
-                q.push_bind(doc).push(" AND id = ").push_bind(id);
+                q.push_bind(doc);
+                if let Some(id) = id {
+                    q.push(" AND id = ").push_bind(id);
+                }
+                q.push(" ORDER BY seq DESC LIMIT 1");
                 let row: Option<history_sql::RowAndStored> =
                     q.build_query_as().fetch_optional(&self.pool).await?;
                 Ok(row.map(history_sql::row_and_stored))
