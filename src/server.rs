@@ -128,6 +128,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits: limits.clone(),
         shutdown: shutdown.clone(),
         heartbeat: transport::heartbeat(limits.ping_interval, shutdown.clone()),
+        bulk: Arc::new(tokio::sync::Semaphore::new(transport::BULK_PERMITS)),
     });
     let history = Arc::new(History::new(
         rooms.clone(),

@@ -225,3 +225,45 @@ async fn slow_consumer_is_closed_with_1013_and_resyncs() {
     assert_eq!(again.text("t"), expected);
     assert!(writer.stays_open(Duration::from_millis(200)).await);
 }
+
+/// Large first syncs take turns (two at a time), but a peer that stops
+/// reading while it holds a turn delays the next joiner by about a second,
+/// not until its write times out.
+#[tokio::test]
+async fn joiners_of_a_large_document_are_not_held_up_by_peers_that_stop_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("bulk-turns");
+    // Larger than what loopback buffers hold for a peer that never reads.
+    let source = Doc::new();
+    let text = source.get_or_insert_text("t");
+    text.insert(&mut source.transact_mut(), 0, &"x".repeat(12 << 20));
+    let update = source
+        .transact()
+        .encode_state_as_update_v1(&yrs::StateVector::default());
+    let resp = reqwest::Client::new()
+        .post(server.http(&format!("/api/docs/{}/updates", percent_encode(&doc))))
+        .body(update)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut peer = Client::open(&server.ws_url(&doc), Doc::new())
+            .await
+            .unwrap();
+        let sv = peer.doc.transact().state_vector();
+        peer.send(yrs::sync::Message::Sync(yrs::sync::SyncMessage::SyncStep1(
+            sv,
+        )))
+        .await;
+        stalled.push(peer);
+    }
+    // Synced within the harness's bounded wait (15 s): waiting for the
+    // stalled writes to time out (60 s) would fail it.
+    let joiner = Client::connect(&server.ws_url(&doc)).await;
+    assert_eq!(joiner.text("t").len(), 12 << 20);
+    drop(stalled);
+}

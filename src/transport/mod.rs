@@ -87,7 +87,23 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Ticks at half the ping interval: one timer for every socket.
     pub heartbeat: watch::Receiver<u64>,
+    /// Turns to write a large batch (a whole document, as after a join).
+    pub bulk: Arc<tokio::sync::Semaphore>,
 }
+
+/// Large batches written at once. When many clients join one large document
+/// together (a join storm after a deploy), writing every copy at once shares
+/// the bandwidth fairly and every client finishes at the very end; taking
+/// turns in arrival order finishes half of them in half the time, with the
+/// same total. Two, so one slow reader never stops the others.
+pub const BULK_PERMITS: usize = 2;
+
+/// A batch at least this large takes a turn.
+const BULK_BYTES: usize = 1 << 20;
+
+/// The longest a batch waits for its turn before it is written anyway, so a
+/// peer that reads slowly while holding a turn delays others by this at most.
+const BULK_WAIT: Duration = Duration::from_secs(1);
 
 impl Context {
     /// The WebSocket settings of every socket.
@@ -228,6 +244,15 @@ async fn serve<S: Session>(
                     }
                 }
                 Next::Frames(frames) => {
+                    let large = frames.iter().map(Bytes::len).sum::<usize>() >= BULK_BYTES;
+                    let _turn = if large {
+                        tokio::time::timeout(BULK_WAIT, ctx.bulk.clone().acquire_owned())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    } else {
+                        None
+                    };
                     if let Err(end) = Box::pin(write::<S>(ws, frames, limits)).await {
                         return end;
                     }
