@@ -334,6 +334,10 @@ impl History {
         let expired = versions.expired(before, BATCH).await?;
         for &seq in &expired {
             let chain = versions.chain(seq).await?;
+            if chain.is_empty() {
+                // Another replica dropped it meanwhile, children first.
+                continue;
+            }
             for child in versions.children(seq).await? {
                 let mut links = chain.clone();
                 links.push(child.clone());
@@ -385,6 +389,11 @@ fn rebase(built: &Doc, seq: i64, parent: Option<&Stored>) -> Result<Stored, Hist
 
 /// A document built from a version's chain (whole state first).
 fn materialize(chain: &[Stored]) -> Result<Doc, HistoryError> {
+    if chain.first().is_none_or(|base| base.parent.is_some()) {
+        return Err(HistoryError::Restore(
+            "a version's chain does not start at a whole state",
+        ));
+    }
     let doc = Doc::new();
     let mut updates = Vec::with_capacity(chain.len());
     for link in chain {
@@ -431,4 +440,42 @@ fn restore_changes(current: &[u8], target: &[u8]) -> Result<Option<Vec<u8>>, His
     guard::discard(current);
     guard::discard(target);
     changes.map_err(|_| HistoryError::Restore("yrs failed computing it"))
+}
+
+#[cfg(test)]
+mod tests {
+    use yrs::{GetString, ReadTxn, Text, Transact};
+
+    use super::*;
+
+    fn link(seq: i64, parent: Option<i64>, update: &[u8]) -> Stored {
+        let (data, compression) = pack_snapshot(update);
+        Stored {
+            seq,
+            parent,
+            data,
+            compression: Some(compression.to_owned()),
+            sv: Vec::new(),
+            chain_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_chain_reads_only_from_a_whole_state() {
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("t");
+        text.insert(&mut doc.transact_mut(), 0, "base");
+        let base = guard::encode_state(&doc).unwrap();
+        let sv = doc.transact().state_vector();
+        text.insert(&mut doc.transact_mut(), 4, "+more");
+        let delta = guard::encode_diff(&doc, &sv).unwrap();
+
+        let built = materialize(&[link(1, None, &base), link(2, Some(1), &delta)]).unwrap();
+        let read = built.get_or_insert_text("t").get_string(&built.transact());
+        assert_eq!(read, "base+more");
+        // A parent dropped from under it (another replica expiring it) is
+        // an error, never a version built from the changes alone.
+        assert!(materialize(&[link(2, Some(1), &delta)]).is_err());
+        assert!(materialize(&[]).is_err());
+    }
 }
