@@ -58,11 +58,9 @@ pub fn any_to_json(any: &Any) -> Value {
     }
 }
 
+/// A value as JSON: shared types as their content.
 fn out_to_json<T: ReadTxn>(txn: &T, out: &Out) -> Value {
-    match out {
-        Out::Any(any) => any_to_json(any),
-        other => any_to_json(&other.to_json(txn)),
-    }
+    any_to_json(&out.to_json(txn))
 }
 
 /// `{"type":"doc","content":[…]}`, as `yXmlFragmentToProsemirrorJSON`

@@ -18,7 +18,8 @@ use crate::store::{StoreError, StoredDoc};
 /// idempotent, so a row that is both in the snapshot and the log (a
 /// compaction racing a load) is harmless.
 pub fn apply_stored(doc: &Doc, stored: &StoredDoc) -> Result<(), StoreError> {
-    let updates = decode_all(stored.snapshot.iter().chain(stored.updates.iter()))?;
+    let rows = stored.snapshot.iter().chain(stored.updates.iter());
+    let updates = decode_all(rows.map(Vec::as_slice))?;
     guard::apply_all(doc, updates).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
@@ -37,14 +38,7 @@ pub fn build(stored: &StoredDoc, check: bool) -> Result<Doc, StoreError> {
         .chain(stored.updates.iter())
         .collect();
     if !check {
-        let doc = Doc::new();
-        return match guard::apply_all(&doc, decode_all(rows.into_iter())?) {
-            Ok(()) => Ok(doc),
-            Err(error) => {
-                guard::discard(doc);
-                Err(StoreError::Corrupt(error.to_string()))
-            }
-        };
+        return from_updates(rows.into_iter().map(Vec::as_slice));
     }
     let mut kept = rows.clone();
     loop {
@@ -70,10 +64,23 @@ pub fn build(stored: &StoredDoc, check: bool) -> Result<Doc, StoreError> {
     }
 }
 
+/// A document built from whole states or updates, applied in order in one
+/// transaction.
+pub fn from_updates<'a>(rows: impl Iterator<Item = &'a [u8]>) -> Result<Doc, StoreError> {
+    let doc = Doc::new();
+    match guard::apply_all(&doc, decode_all(rows)?) {
+        Ok(()) => Ok(doc),
+        Err(error) => {
+            guard::discard(doc);
+            Err(StoreError::Corrupt(error.to_string()))
+        }
+    }
+}
+
 /// The document built from `rows`, if it applies and then encodes.
 fn healthy(rows: &[&Vec<u8>]) -> Result<Option<Doc>, StoreError> {
     let doc = Doc::new();
-    let applied = guard::apply_all(&doc, decode_all(rows.iter().copied())?);
+    let applied = guard::apply_all(&doc, decode_all(rows.iter().map(|r| r.as_slice()))?);
     if applied.is_ok() && guard::encode_diff(&doc, &StateVector::default()).is_ok() {
         return Ok(Some(doc));
     }
@@ -81,7 +88,7 @@ fn healthy(rows: &[&Vec<u8>]) -> Result<Option<Doc>, StoreError> {
     Ok(None)
 }
 
-fn decode_all<'a>(rows: impl Iterator<Item = &'a Vec<u8>>) -> Result<Vec<Update>, StoreError> {
+fn decode_all<'a>(rows: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Update>, StoreError> {
     rows.map(|raw| Update::decode_v1(raw).map_err(|e| StoreError::Corrupt(e.to_string())))
         .collect()
 }

@@ -196,14 +196,10 @@ fn units<T: ReadTxn>(txn: &T, text: &impl Text) -> Vec<Unit> {
                 piece: Piece::Char(c),
                 attrs: chunk.attributes.clone(),
             })),
-            Out::Any(any) => units.push(Unit {
-                piece: Piece::Embed(any),
-                attrs: chunk.attributes,
-            }),
-            // Embedded shared types, which no editor binding in use writes
-            // into a text, are kept as their JSON value.
+            // An embedded shared type, which no editor binding in use
+            // writes into a text, is kept as its JSON value.
             other => units.push(Unit {
-                piece: Piece::Embed(plain(txn, other)),
+                piece: Piece::Embed(other.to_json(txn)),
                 attrs: chunk.attributes,
             }),
         }
@@ -348,7 +344,7 @@ fn sync_attributes<S: ReadTxn>(
 ) {
     let wanted: Vec<(String, Any)> = src
         .attributes(source)
-        .map(|(k, v)| (k.to_owned(), plain(source, v)))
+        .map(|(k, v)| (k.to_owned(), v.to_json(source)))
         .collect();
     let stale: Vec<String> = dst
         .attributes(&*txn)
@@ -359,18 +355,10 @@ fn sync_attributes<S: ReadTxn>(
         dst.remove_attribute(txn, &key);
     }
     for (key, want) in wanted {
-        let held = dst.get_attribute(&*txn, &key).map(|o| plain(&*txn, o));
+        let held = dst.get_attribute(&*txn, &key).map(|o| o.to_json(&*txn));
         if held.as_ref() != Some(&want) {
             dst.insert_attribute(txn, key, want);
         }
-    }
-}
-
-/// A value as plain data: shared types as their JSON.
-fn plain<T: ReadTxn>(txn: &T, out: Out) -> Any {
-    match out {
-        Out::Any(any) => any,
-        other => other.to_json(txn),
     }
 }
 

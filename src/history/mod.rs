@@ -199,15 +199,11 @@ impl History {
                 Some(authors) => (None, authors),
                 None => return Ok(None),
             },
-            Trigger::Request(name) => {
-                if !self.exists(doc).await? {
-                    return Ok(None);
-                }
-                (
-                    name,
-                    versions.take_changes(doc, None).await?.unwrap_or_default(),
-                )
-            }
+            // A document never stored has no record of changes to take.
+            Trigger::Request(name) => (
+                name,
+                versions.take_changes(doc, None).await?.unwrap_or_default(),
+            ),
             Trigger::BeforeRestore => match versions.take_changes(doc, None).await? {
                 Some(authors) => (None, authors),
                 None => match versions.find(doc, None).await? {
@@ -223,7 +219,10 @@ impl History {
             }
         }
         let now = self.rooms.read(doc, StateVector::default()).await?;
-        let content = self.content(&now.update, versions.find(doc, None).await?)?;
+        if !now.exists {
+            return Ok(None);
+        }
+        let content = content(&now.update, versions.find(doc, None).await?)?;
         let at = now_ms();
         let row = VersionRow {
             id: format!("{at:x}{:08x}", rand::random::<u32>()),
@@ -233,47 +232,6 @@ impl History {
         };
         versions.insert(doc, &row, &content).await?;
         Ok(Some(row.into()))
-    }
-
-    /// What to store for a version whose whole state is `state`: the changes
-    /// since `latest`, or the whole state when there is no latest or when the
-    /// chain since the last whole state would outweigh it.
-    fn content(
-        &self,
-        state: &[u8],
-        latest: Option<(VersionRow, Stored)>,
-    ) -> Result<Stored, HistoryError> {
-        let built = build(state)?;
-        let sv = yrs::ReadTxn::state_vector(&yrs::Transact::transact(&built));
-        let (whole, compression) = pack_snapshot(state);
-        let whole = Stored {
-            seq: 0,
-            parent: None,
-            data: whole,
-            compression: Some(compression.to_owned()),
-            sv: sv.encode_v1(),
-            chain_bytes: 0,
-        };
-        let Some((_, parent)) = latest else {
-            guard::discard(built);
-            return Ok(whole);
-        };
-        let since = StateVector::decode_v1(&parent.sv)
-            .map_err(|_| HistoryError::Restore("a version's state vector does not decode"))?;
-        let changes = guard::encode_diff(&built, &since);
-        guard::discard(built);
-        let changes = changes.map_err(|_| HistoryError::Restore("the document does not encode"))?;
-        let (packed, _) = pack_snapshot(&changes);
-        let chain_bytes = parent.chain_bytes + (packed.len() + LINK_COST) as i64;
-        if chain_bytes > whole.data.len() as i64 {
-            return Ok(whole);
-        }
-        Ok(Stored {
-            parent: Some(parent.seq),
-            data: packed,
-            chain_bytes,
-            ..whole
-        })
     }
 
     async fn exists(&self, doc: &str) -> Result<bool, HistoryError> {
@@ -343,7 +301,7 @@ impl History {
                 links.push(child.clone());
                 let built = materialize(&links)?;
                 let grandparent = chain.len().checked_sub(2).map(|i| &chain[i]);
-                let rewritten = rebase(&built, child.seq, grandparent);
+                let rewritten = link(&built, child.seq, grandparent);
                 guard::discard(built);
                 versions.rewrite(&rewritten?).await?;
             }
@@ -359,9 +317,24 @@ impl History {
     }
 }
 
-/// The content of version `seq` (whose state is `built`) taken against
-/// `parent`, or as a whole state without one.
-fn rebase(built: &Doc, seq: i64, parent: Option<&Stored>) -> Result<Stored, HistoryError> {
+/// What to store for a version whose whole state is `state`: the changes
+/// since `latest`, or the whole state when there is no latest or when the
+/// chain since the last whole state would outweigh it.
+fn content(state: &[u8], latest: Option<(VersionRow, Stored)>) -> Result<Stored, HistoryError> {
+    let built = crate::doc::from_updates(std::iter::once(state))?;
+    let whole = link(&built, 0, None);
+    let changes = latest.map(|(_, parent)| link(&built, 0, Some(&parent)));
+    guard::discard(built);
+    let whole = whole?;
+    match changes.transpose()? {
+        Some(changes) if changes.chain_bytes <= whole.data.len() as i64 => Ok(changes),
+        _ => Ok(whole),
+    }
+}
+
+/// Version `seq`, whose state is `built`, as stored: its changes since
+/// `parent`, or its whole state without one.
+fn link(built: &Doc, seq: i64, parent: Option<&Stored>) -> Result<Stored, HistoryError> {
     let unencodable = |_| HistoryError::Restore("a version does not encode");
     let (data, chain_bytes) = match parent {
         Some(parent) => {
@@ -394,45 +367,17 @@ fn materialize(chain: &[Stored]) -> Result<Doc, HistoryError> {
             "a version's chain does not start at a whole state",
         ));
     }
-    let doc = Doc::new();
-    let mut updates = Vec::with_capacity(chain.len());
-    for link in chain {
-        let raw = unpack_snapshot(link.data.clone(), link.compression.clone())?;
-        updates.push(
-            Update::decode_v1(&raw)
-                .map_err(|_| HistoryError::Restore("a version does not decode"))?,
-        );
-    }
-    if guard::apply_all(&doc, updates).is_err() {
-        guard::discard(doc);
-        return Err(HistoryError::Restore("a version does not apply"));
-    }
-    Ok(doc)
-}
-
-/// A document built from a whole state.
-fn build(state: &[u8]) -> Result<Doc, HistoryError> {
-    let doc = Doc::new();
-    let update =
-        Update::decode_v1(state).map_err(|_| HistoryError::Restore("a state does not decode"))?;
-    if guard::apply_all(&doc, vec![update]).is_err() {
-        guard::discard(doc);
-        return Err(HistoryError::Restore("a state does not apply"));
-    }
-    Ok(doc)
+    let raw = chain
+        .iter()
+        .map(|link| unpack_snapshot(link.data.clone(), link.compression.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::doc::from_updates(raw.iter().map(Vec::as_slice))?)
 }
 
 /// The changes that take `current` to `target`'s content, both whole
 /// states; yrs panics stay inside.
 fn restore_changes(current: &[u8], target: &[u8]) -> Result<Option<Vec<u8>>, HistoryError> {
-    let build = |state: &[u8]| -> Result<Doc, HistoryError> {
-        let doc = Doc::new();
-        let update = Update::decode_v1(state)
-            .map_err(|_| HistoryError::Restore("a state does not decode"))?;
-        guard::apply_all(&doc, vec![update])
-            .map_err(|_| HistoryError::Restore("a state does not apply"))?;
-        Ok(doc)
-    };
+    let build = |state: &[u8]| crate::doc::from_updates(std::iter::once(state));
     let (current, target) = (build(current)?, build(target)?);
     let changes = catch_unwind(AssertUnwindSafe(|| {
         crate::doc::restore::restore(&current, &target)

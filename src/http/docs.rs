@@ -7,7 +7,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
-use yrs::updates::decoder::Decode;
 use yrs::StateVector;
 
 use super::error::ApiError;
@@ -90,9 +89,7 @@ async fn whole(state: &AppState, doc: &str) -> Result<Vec<u8>, ApiError> {
 /// A whole state read as JSON (`doc/json.rs`).
 fn to_json(update: &[u8]) -> Result<serde_json::Value, ApiError> {
     let unreadable = || ApiError::Unavailable("the stored document cannot be read".into());
-    let update = yrs::Update::decode_v1(update).map_err(|_| unreadable())?;
-    let doc = yrs::Doc::new();
-    crate::doc::guard::apply_all(&doc, vec![update]).map_err(|_| unreadable())?;
+    let doc = crate::doc::from_updates(std::iter::once(update)).map_err(|_| unreadable())?;
     let json = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         crate::doc::json::to_json(&yrs::Transact::transact(&doc))
     }));
