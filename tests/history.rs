@@ -179,11 +179,13 @@ async fn authors_and_tracking(db: String) {
     // The changes wait for the next version, which lists both authors once.
     let version = api.version(&token("carol"), None).await;
     assert_eq!(version["authors"], serde_json::json!(["ada", "bob"]));
-    let pending = format!("SELECT doc FROM history_changes WHERE doc = '{doc}'");
-    assert!(
-        column(&db, &pending).await.is_empty(),
-        "taken by the version"
-    );
+    for table in ["history_changes", "history_authors"] {
+        let pending = format!("SELECT doc FROM {table} WHERE doc = '{doc}'");
+        assert!(
+            column(&db, &pending).await.is_empty(),
+            "{table} taken by the version"
+        );
+    }
 }
 
 #[tokio::test]
