@@ -46,8 +46,8 @@ pub async fn ywebsocket(
         .or_else(|| super::docs::bearer(&headers));
     let grant = auth::admit(state.verifier.as_deref(), token, &doc);
     let (ctx, rooms) = (state.transport.clone(), state.rooms.clone());
-    let (response, socket) = upgrade.accept(ctx.websocket_config(), move |ws| {
-        transport::run(ws, ctx, move |outbox| {
+    let (response, socket) = upgrade.accept(move |io| {
+        transport::run(io, ctx, move |outbox| {
             ywebsocket::open(rooms, doc, grant, outbox)
         })
     });
@@ -70,8 +70,8 @@ pub async fn hocuspocus(
     };
     let (ctx, rooms) = (state.transport.clone(), state.rooms.clone());
     let (verifier, timeout) = (state.verifier.clone(), state.limits.auth_timeout);
-    let (response, socket) = upgrade.accept(ctx.websocket_config(), move |ws| {
-        transport::run(ws, ctx, move |outbox| async move {
+    let (response, socket) = upgrade.accept(move |io| {
+        transport::run(io, ctx, move |outbox| async move {
             Ok(hocuspocus::open(rooms, verifier, timeout, outbox))
         })
     });

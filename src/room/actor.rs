@@ -72,6 +72,9 @@ struct Room {
     diff_cache: Option<DiffCache>,
     /// Awareness clients changed in this batch, sent merged at its end.
     awareness_changed: HashSet<ClientID>,
+    /// Whether the room keeps up (no command waits behind the one in hand):
+    /// only then does it write to its members' sockets itself.
+    direct: bool,
 }
 
 pub(super) fn spawn(
@@ -93,6 +96,7 @@ pub(super) fn spawn(
         version: 0,
         diff_cache: None,
         awareness_changed: HashSet::new(),
+        direct: true,
     };
     let (rooms, doc) = (room.rooms.clone(), room.doc_name.clone());
     tokio::spawn(async move {
@@ -196,10 +200,14 @@ impl Room {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => {
+                        self.direct = rx.is_empty();
                         self.handle(cmd);
                         for _ in 1..BATCH {
                             match rx.try_recv() {
-                                Ok(cmd) => self.handle(cmd),
+                                Ok(cmd) => {
+                                    self.direct = rx.is_empty();
+                                    self.handle(cmd);
+                                }
                                 Err(_) => break,
                             }
                         }
@@ -600,10 +608,13 @@ impl Room {
                     frame
                 }
             };
-            if let Some(frame) = frame {
-                if !push(&member.peer, *conn, frame) {
-                    dropped.push(*conn);
-                }
+            let Some(frame) = frame else { continue };
+            let queued = match self.direct {
+                true => member.peer.outbox.push(frame),
+                false => member.peer.outbox.queue(frame),
+            };
+            if !pushed(&member.peer, *conn, queued) {
+                dropped.push(*conn);
             }
         }
         for conn in dropped {
@@ -628,7 +639,12 @@ fn send(peer: &Peer, conn: ConnId, msg: Outbound<'_>) -> bool {
 }
 
 fn push(peer: &Peer, conn: ConnId, frame: Bytes) -> bool {
-    match peer.outbox.push(frame) {
+    pushed(peer, conn, peer.outbox.push(frame))
+}
+
+/// Whether a frame was queued; a peer too slow for it is told to leave.
+fn pushed(peer: &Peer, conn: ConnId, queued: Result<(), Overflow>) -> bool {
+    match queued {
         Ok(()) => true,
         Err(Overflow::Full) => {
             peer.outbox.leave(conn, Leave::SlowConsumer);

@@ -192,9 +192,9 @@ impl TestPeer {
         tokio::time::timeout(Duration::from_secs(5), async {
             while !pred(&self.seen) {
                 match self.queued.next().await {
-                    crate::transport::Next::Frames(frames) => {
-                        self.seen.extend(frames.iter().map(|f| seen(f)))
-                    }
+                    crate::transport::Next::Write => self
+                        .seen
+                        .extend(self.queued.take_frames().iter().map(|f| seen(f))),
                     other => panic!("the room let the peer go: {:?}", other.leave()),
                 }
             }
@@ -386,8 +386,8 @@ async fn joiners_with_one_state_vector_share_one_encoding_and_one_load() {
         peer.send(Inbound::SyncStep1(StateVector::default())).await;
         let frame = loop {
             match peer.queued.next().await {
-                crate::transport::Next::Frames(f) => {
-                    if let Some(f) = f.into_iter().find(|f| f[0] == 2) {
+                crate::transport::Next::Write => {
+                    if let Some(f) = peer.queued.take_frames().into_iter().find(|f| f[0] == 2) {
                         break f;
                     }
                 }
@@ -420,11 +420,7 @@ async fn a_slow_consumer_is_let_go_and_the_room_goes_on() {
     for i in 0..5 {
         writer.send(insert(&client, i, "s")).await;
     }
-    let left = loop {
-        if let Some(why) = queued.next().await.leave() {
-            break why;
-        }
-    };
+    let left = left(&mut queued).await;
     assert_eq!(left, (slow.conn, Leave::SlowConsumer));
     writer
         .send(Inbound::SyncStep1(StateVector::default()))
@@ -444,11 +440,7 @@ async fn past_the_memory_budget_updates_are_refused_and_nothing_is_applied() {
     let mut a = TestPeer::join(&w, "d", "k", false, true).await;
     let mut b = TestPeer::join(&w, "d", "k", false, true).await;
     a.send(insert(&Doc::new(), 0, &"y".repeat(100))).await;
-    let left = loop {
-        if let Some(why) = a.queued.next().await.leave() {
-            break why;
-        }
-    };
+    let left = left(&mut a.queued).await;
     assert!(matches!(left.1, Leave::Overloaded(_)));
     drop(held);
     b.send(Inbound::SyncStep1(StateVector::default())).await;
@@ -494,6 +486,17 @@ async fn a_flush_does_not_wait_out_the_commit_interval() {
 impl TestPeer {
     fn queued_is_empty(&self) -> bool {
         self.queued.is_empty()
+    }
+}
+
+/// Waits for the room to let the peer go, taking what it queued meanwhile.
+async fn left(queued: &mut Queued) -> (ConnId, Leave) {
+    loop {
+        match queued.next().await {
+            crate::transport::Next::Leave(conn, why) => return (conn, why),
+            crate::transport::Next::Write => drop(queued.take_frames()),
+            crate::transport::Next::Gone => panic!("gone without a leave"),
+        }
     }
 }
 

@@ -5,8 +5,10 @@
 //!
 //! Reads go to the session one message at a time, and the session waits when
 //! its room's queue is full: the socket is then not read, and TCP slows the
-//! writer down. Writes are taken from the outbox in batches and flushed once
-//! per batch.
+//! writer down. Rooms write to the socket themselves while it keeps up (see
+//! [`Outbox`]); this loop writes only what the socket could not take at once.
+//! It never frames the rooms' messages: the WebSocket library reads, and
+//! writes only its own control frames, through the outbox's queue.
 
 mod close;
 mod outbox;
@@ -14,9 +16,8 @@ mod upgrade;
 
 pub use close::Close;
 pub use outbox::{Next, Outbox, Overflow, Queued};
-pub use upgrade::{Upgrade, WsStream};
+pub use upgrade::Upgrade;
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -28,27 +29,25 @@ use governor::{Quota, RateLimiter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
 use crate::metrics::{self as m, MessageKind};
 use crate::room::{ConnId, Leave};
 
+use outbox::{Conn, Io, BULK_BYTES};
+
+/// A socket after the upgrade, as the loop reads it.
+type WsStream = WebSocketStream<Conn>;
+
 /// How long the close handshake waits for the peer's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// After refusing a message it cannot read (too big), how long and how much
 /// of the rest the server reads and drops so its close frame is not reset.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
-/// Payloads above this go out as fragments: tungstenite copies each frame
-/// into a buffer it keeps, which would otherwise stay as large as the
-/// largest message the socket ever sent.
-const FRAGMENT: usize = 64 * 1024;
-/// Bytes tungstenite gathers before writing; a batch is flushed whole anyway.
-const WRITE_BUFFER: usize = 64 * 1024;
 
 /// A protocol's side of one socket.
 pub trait Session: Send {
@@ -98,24 +97,22 @@ pub struct Context {
 /// same total. Two, so one slow reader never stops the others.
 pub const BULK_PERMITS: usize = 2;
 
-/// A batch at least this large takes a turn.
-const BULK_BYTES: usize = 1 << 20;
-
 /// The longest a batch waits for its turn before it is written anyway, so a
 /// peer that reads slowly while holding a turn delays others by this at most.
 const BULK_WAIT: Duration = Duration::from_secs(1);
 
 impl Context {
     /// The WebSocket settings of every socket.
-    pub fn websocket_config(&self) -> WebSocketConfig {
+    fn websocket_config(&self) -> WebSocketConfig {
         let limit = self.limits.max_message_bytes;
         // The read buffer lives as long as the socket, and idle sockets are
         // most of them: tungstenite reserves a large frame's whole length once
         // its header is in, so this only caps how many small frames one read
-        // takes in (a typical update or awareness frame fits).
+        // takes in (a typical update or awareness frame fits). The library's writes go straight into
+        // the outbox's queue, so it keeps no write buffer of its own.
         WebSocketConfig::default()
             .read_buffer_size(128)
-            .write_buffer_size(WRITE_BUFFER)
+            .write_buffer_size(0)
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit))
     }
@@ -158,7 +155,7 @@ impl From<Close> for End {
 /// Serves one socket: `open` makes the session (joining its first room, or
 /// refusing the socket) with the socket's outbox, then the loop runs until the
 /// socket ends, and the end is logged and counted.
-pub async fn run<S, F, Fut>(mut ws: WsStream, ctx: Arc<Context>, open: F)
+pub async fn run<S, F, Fut>(io: Io, ctx: Arc<Context>, open: F)
 where
     S: Session,
     F: FnOnce(Outbox) -> Fut,
@@ -166,7 +163,11 @@ where
 {
     let started = Instant::now();
     m::connections(1.0);
-    let (outbox, mut queued) = Outbox::new(ctx.limits.outbox_capacity, ctx.limits.outbox_bytes);
+    let limits = &ctx.limits;
+    let (outbox, mut queued, conn) =
+        Outbox::with_io(io, limits.outbox_capacity, limits.outbox_bytes, S::kind);
+    let mut ws =
+        WebSocketStream::from_raw_socket(conn, Role::Server, Some(ctx.websocket_config())).await;
     // Boxed, as everything that runs once: only the loop's state should size
     // the task every idle socket carries.
     let (end, (doc, user)) = match Box::pin(open(outbox)).await {
@@ -174,14 +175,25 @@ where
             let end = serve(&mut ws, &mut session, &mut queued, &ctx).await;
             if let End::Close { close, unreadable } = &end {
                 let late = close.accepts_late_frames().then_some(&mut session);
-                Box::pin(close_handshake(&mut ws, close, late, *unreadable, &ctx)).await;
+                Box::pin(close_handshake(
+                    &mut ws,
+                    &queued,
+                    close,
+                    late,
+                    *unreadable,
+                    &ctx,
+                ))
+                .await;
             }
             let described = session.describe();
             Box::pin(session.finish()).await;
             (end, described)
         }
         Err(close) => {
-            Box::pin(close_handshake::<S>(&mut ws, &close, None, false, &ctx)).await;
+            Box::pin(close_handshake::<S>(
+                &mut ws, &queued, &close, None, false, &ctx,
+            ))
+            .await;
             (End::from(close), ("-".into(), "-".into()))
         }
     };
@@ -243,17 +255,8 @@ async fn serve<S: Session>(
                         return close.into();
                     }
                 }
-                Next::Frames(frames) => {
-                    let large = frames.iter().map(Bytes::len).sum::<usize>() >= BULK_BYTES;
-                    let _turn = if large {
-                        tokio::time::timeout(BULK_WAIT, ctx.bulk.clone().acquire_owned())
-                            .await
-                            .ok()
-                            .and_then(Result::ok)
-                    } else {
-                        None
-                    };
-                    if let Err(end) = Box::pin(write::<S>(ws, frames, limits)).await {
+                Next::Write => {
+                    if let Err(end) = Box::pin(flush(queued, ctx)).await {
                         return end;
                     }
                 }
@@ -265,11 +268,7 @@ async fn serve<S: Session>(
                 let Ok(()) = beat else { continue };
                 let beat = *heartbeat.borrow_and_update();
                 if let Some(frame) = session.keepalive() {
-                    let mut frames = VecDeque::new();
-                    frames.push_back(frame);
-                    if let Err(end) = Box::pin(write::<S>(ws, frames, limits)).await {
-                        return end;
-                    }
+                    queued.send(frame);
                 }
                 // A ping every other beat: every ping interval.
                 if beat.is_multiple_of(2) {
@@ -315,39 +314,27 @@ async fn serve<S: Session>(
     }
 }
 
-/// Writes a batch of frames and flushes once. A peer that stops reading
-/// blocks the write once the socket's buffers are full, and the loop with it
-/// (a leave a room asks for meanwhile is handled after the write); after
-/// `pong_timeout` without progress the peer is dropped.
-async fn write<S: Session>(
-    ws: &mut WsStream,
-    frames: VecDeque<Bytes>,
-    limits: &Limits,
-) -> Result<(), End> {
-    let written = tokio::time::timeout(limits.pong_timeout, async {
-        for frame in frames {
-            m::sent(S::kind(&frame));
-            if frame.len() <= FRAGMENT {
-                ws.feed(Message::Binary(frame)).await?;
-                continue;
-            }
-            let mut rest = frame;
-            let mut opcode = OpCode::Data(Data::Binary);
-            while !rest.is_empty() {
-                let chunk = rest.split_to(rest.len().min(FRAGMENT));
-                let last = rest.is_empty();
-                ws.feed(Message::Frame(Frame::message(chunk, opcode, last)))
-                    .await?;
-                opcode = OpCode::Data(Data::Continue);
-            }
+/// Writes what the socket could not take when the rooms wrote. A peer that
+/// stops reading blocks this once the socket's buffers are full, and the
+/// loop with it (a leave a room asks for meanwhile is handled after); after
+/// `pong_timeout` without progress the peer is dropped. A large backlog (a
+/// whole document after a join) first waits for its turn.
+async fn flush(queued: &Queued, ctx: &Context) -> Result<(), End> {
+    let _turn = if queued.queued_bytes() >= BULK_BYTES {
+        tokio::time::timeout(BULK_WAIT, ctx.bulk.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None
+    };
+    loop {
+        match tokio::time::timeout(ctx.limits.pong_timeout, queued.progress()).await {
+            Ok(Ok(true)) => return Ok(()),
+            Ok(Ok(false)) => {}
+            Ok(Err(_)) => return Err(End::PeerGone("write failed")),
+            Err(_) => return Err(End::PeerGone("write timed out")),
         }
-        ws.flush().await
-    })
-    .await;
-    match written {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::PeerGone("write failed")),
-        Err(_) => Err(End::PeerGone("write timed out")),
     }
 }
 
@@ -389,6 +376,7 @@ fn read_error(error: WsError) -> End {
 /// would be lost with it.
 async fn close_handshake<S: Session>(
     ws: &mut WsStream,
+    queued: &Queued,
     close: &Close,
     mut late: Option<&mut S>,
     unreadable: bool,
@@ -399,6 +387,7 @@ async fn close_handshake<S: Session>(
         reason: close.reason().into_owned().into(),
     };
     let deadline = Instant::now() + CLOSE_WAIT;
+    queued.close();
     // A peer that is not reading would block this send for ever.
     if !matches!(
         tokio::time::timeout_at(deadline, ws.send(Message::Close(Some(frame)))).await,

@@ -1,22 +1,49 @@
-//! The frames queued for one socket, and the requests to drop it from a room.
+//! The bytes on their way to one socket, and the requests to drop it from a
+//! room.
 //!
-//! Rooms push frames without waiting; the socket's task takes them all at
-//! once and writes them in one go. The queue is bounded in frames and in
-//! bytes: frames are shared between recipients, but a slow reader sitting on
-//! many large ones would keep them alive without bound, so past the bounds a
-//! push fails and the room lets the peer go as a slow consumer.
+//! A room hands a frame to a socket's outbox without waiting. When nothing is
+//! queued ahead of it, the frame is written to the socket there and then, by
+//! a non-blocking write from the room's own task: no wake-up of the socket's
+//! task and no hand-off, one system call per delivery. A batch of deliveries
+//! to many sockets, the usual case, costs the sockets' tasks nothing. What
+//! the socket does not take at once is queued, in order, with every frame
+//! after it, and the socket's task writes the queue as the socket drains.
+//! The WebSocket library's own frames (pongs, pings, the close) join the same
+//! queue through [`Conn`], so no two writers ever interleave on the wire.
 //!
-//! A plain queue rather than a channel: a tokio channel allocates a block of
-//! slots up front, about 1 KiB per socket even while it is idle, and idle
-//! sockets are most of a server's sockets. This one holds no memory when empty.
+//! The queue is bounded in frames and in bytes: frames are shared between
+//! recipients, but a slow reader sitting on many large ones would keep them
+//! alive without bound, so past the bounds a push fails and the room lets the
+//! peer go as a slow consumer. A plain queue rather than a channel: a tokio
+//! channel allocates a block of slots up front, about 1 KiB per socket even
+//! while it is idle, and idle sockets are most of a server's sockets. This
+//! one holds no memory when empty.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use crate::metrics::{self as m, MessageKind};
 use crate::room::{ConnId, Leave};
+
+/// An upgraded connection, before the WebSocket framing.
+pub type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+/// A frame at least this large is not written by the room that sends it: a
+/// whole document after a join goes out from the socket's own task, when the
+/// socket takes its turn (see `transport::BULK_PERMITS`).
+pub const BULK_BYTES: usize = 1 << 20;
+
+/// Chunks gathered into one vectored write.
+const GATHER: usize = 32;
 
 /// The rooms' end of a socket's queue.
 pub struct Outbox {
@@ -25,20 +52,101 @@ pub struct Outbox {
 
 struct Shared {
     state: Mutex<State>,
+    /// The connection; `None` only in tests, where frames stay queued.
+    io: Option<Mutex<Io>>,
     ready: Notify,
     max_frames: usize,
     max_bytes: usize,
+    /// What a frame is, for the message counters.
+    kind: fn(&[u8]) -> MessageKind,
 }
 
 struct State {
-    frames: VecDeque<Bytes>,
+    /// Everything not yet written, in wire order; the front may be partly
+    /// written.
+    pending: VecDeque<Chunk>,
+    /// Rooms' frames in `pending`, and their bytes (the bounds).
+    frames: usize,
     bytes: usize,
-    /// Memberships the rooms dropped, with why; served before any frame.
+    /// Memberships the rooms dropped, with why; served before any write.
     leaves: Vec<(ConnId, Leave)>,
     /// Live [`Outbox`] handles; at zero no room holds the socket any more.
     senders: usize,
-    /// Whether the socket's task still reads the queue.
+    /// Whether rooms' frames are still taken (not once the socket closes).
     receiving: bool,
+}
+
+/// One frame on its way: the WebSocket header made here, the payload shared
+/// with every other recipient.
+struct Chunk {
+    head: [u8; 10],
+    head_at: u8,
+    head_len: u8,
+    body: Bytes,
+    /// A room's frame, counted against the bounds.
+    counted: bool,
+    /// Part of it is on the wire already: it must be finished.
+    begun: bool,
+}
+
+impl Chunk {
+    /// A final binary frame, unmasked as a server's frames are.
+    fn binary(body: Bytes) -> Chunk {
+        let mut head = [0u8; 10];
+        head[0] = 0x82;
+        let len = body.len();
+        let head_len = if len < 126 {
+            head[1] = len as u8;
+            2
+        } else if len <= u16::MAX as usize {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        Chunk {
+            head,
+            head_at: 0,
+            head_len,
+            body,
+            counted: true,
+            begun: false,
+        }
+    }
+
+    /// Bytes the WebSocket library framed itself.
+    fn raw(bytes: &[u8]) -> Chunk {
+        Chunk {
+            head: [0; 10],
+            head_at: 0,
+            head_len: 0,
+            body: Bytes::copy_from_slice(bytes),
+            counted: false,
+            begun: false,
+        }
+    }
+
+    fn head(&self) -> &[u8] {
+        &self.head[self.head_at as usize..self.head_len as usize]
+    }
+
+    /// Consumes up to `n` written bytes; returns what is left of `n`.
+    fn advance(&mut self, mut n: usize) -> usize {
+        self.begun |= n > 0;
+        let head = self.head().len().min(n);
+        self.head_at += head as u8;
+        n -= head;
+        let body = self.body.len().min(n);
+        self.body.advance(body);
+        n - body
+    }
+
+    fn done(&self) -> bool {
+        self.head().is_empty() && self.body.is_empty()
+    }
 }
 
 /// Why a frame could not be queued.
@@ -51,44 +159,86 @@ pub enum Overflow {
 }
 
 impl Outbox {
-    /// A queue of at most `max_frames` frames and `max_bytes` bytes (one frame
-    /// always fits an empty queue: a large document's first step 2 can exceed
-    /// the byte budget on its own), and the socket task's end of it.
+    /// The queue of a connection: at most `max_frames` frames and `max_bytes`
+    /// bytes wait (one frame always fits an empty queue: a large document's
+    /// first step 2 can exceed the byte budget on its own). Returns the
+    /// rooms' end, the socket task's end, and the connection for the
+    /// WebSocket library.
+    pub fn with_io(
+        io: Io,
+        max_frames: usize,
+        max_bytes: usize,
+        kind: fn(&[u8]) -> MessageKind,
+    ) -> (Outbox, Queued, Conn) {
+        let shared = Shared::new(Some(io), max_frames, max_bytes, kind);
+        let conn = Conn {
+            shared: shared.clone(),
+        };
+        let queued = Queued {
+            shared: shared.clone(),
+        };
+        (Outbox { shared }, queued, conn)
+    }
+
+    /// A queue without a connection: frames stay queued for the test to take.
+    #[cfg(test)]
     pub fn new(max_frames: usize, max_bytes: usize) -> (Outbox, Queued) {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                frames: VecDeque::new(),
-                bytes: 0,
-                leaves: Vec::new(),
-                senders: 1,
-                receiving: true,
-            }),
-            ready: Notify::new(),
-            max_frames: max_frames.max(1),
-            max_bytes,
-        });
+        let shared = Shared::new(None, max_frames, max_bytes, |_| MessageKind::Other);
         let queued = Queued {
             shared: shared.clone(),
         };
         (Outbox { shared }, queued)
     }
 
+    /// Queues a frame and, when nothing waits ahead of it, writes it now.
     pub fn push(&self, frame: Bytes) -> Result<(), Overflow> {
-        let mut state = self.shared.state.lock().expect("outbox lock");
+        self.put(frame, true)
+    }
+
+    /// Queues a frame for the socket's task to write. A room that has fallen
+    /// behind sends this way: its own turn stays short, and the socket's task,
+    /// running after it, writes everything that piled up in one call.
+    pub fn queue(&self, frame: Bytes) -> Result<(), Overflow> {
+        self.put(frame, false)
+    }
+
+    fn put(&self, frame: Bytes, write_now: bool) -> Result<(), Overflow> {
+        let shared = &*self.shared;
+        let mut state = shared.lock();
         if !state.receiving {
             return Err(Overflow::Gone);
         }
-        let over_bytes = state.bytes > 0 && state.bytes + frame.len() > self.shared.max_bytes;
-        if over_bytes || state.frames.len() >= self.shared.max_frames {
+        let over_bytes = state.bytes > 0 && state.bytes + frame.len() > shared.max_bytes;
+        if over_bytes || state.frames >= shared.max_frames {
             return Err(Overflow::Full);
         }
-        let wake = state.frames.is_empty() && state.leaves.is_empty();
+        m::sent((shared.kind)(&frame));
+        let first = state.pending.is_empty();
+        let large = frame.len() >= BULK_BYTES;
+        state.frames += 1;
         state.bytes += frame.len();
-        state.frames.push_back(frame);
+        state.pending.push_back(Chunk::binary(frame));
+        // Something queued ahead means the socket's task is already on it.
+        if !first {
+            return Ok(());
+        }
+        if write_now && !large {
+            if let Some(io) = &shared.io {
+                let mut io = io.lock().expect("io lock");
+                // Outside tokio's budget: a room writing to hundreds of
+                // sockets in one turn would otherwise find all but the first
+                // 128 "not ready". Nobody is registered to hear of the socket
+                // draining here: what is left wakes the socket's task below.
+                let write = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+                    write_queue(&mut io, &mut state, cx)
+                }));
+                let _ = pin!(write).poll(&mut Context::from_waker(Waker::noop()));
+            }
+        }
+        let wake = !state.pending.is_empty();
         drop(state);
-        // One wake-up per batch: the task takes everything queued at once.
         if wake {
-            self.shared.ready.notify_one();
+            shared.ready.notify_one();
         }
         Ok(())
     }
@@ -96,23 +246,121 @@ impl Outbox {
     /// Tells the socket that a room dropped its membership `conn`, ahead of
     /// anything queued.
     pub fn leave(&self, conn: ConnId, why: Leave) {
-        let mut state = self.shared.state.lock().expect("outbox lock");
+        let mut state = self.shared.lock();
         if state.receiving {
             state.leaves.push((conn, why));
             drop(state);
             self.shared.ready.notify_one();
         }
     }
+}
 
-    /// Frames queued and not yet taken by the socket's task.
-    pub fn queued(&self) -> usize {
-        self.shared.state.lock().expect("outbox lock").frames.len()
+impl Shared {
+    fn new(
+        io: Option<Io>,
+        max_frames: usize,
+        max_bytes: usize,
+        kind: fn(&[u8]) -> MessageKind,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: VecDeque::new(),
+                frames: 0,
+                bytes: 0,
+                leaves: Vec::new(),
+                senders: 1,
+                receiving: true,
+            }),
+            io: io.map(Mutex::new),
+            ready: Notify::new(),
+            max_frames: max_frames.max(1),
+            max_bytes,
+            kind,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("outbox lock")
+    }
+
+    fn io(&self) -> MutexGuard<'_, Io> {
+        self.io
+            .as_ref()
+            .expect("a connection's outbox")
+            .lock()
+            .expect("io lock")
+    }
+
+    /// Writes until the queue is empty (`Ready(Ok(true))`), or until the
+    /// socket takes no more after some progress (`Ready(Ok(false))`).
+    fn poll_progress(&self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut state = self.lock();
+        let before = queued_bytes(&state);
+        match write_queue(&mut self.io(), &mut state, cx) {
+            Poll::Ready(result) => Poll::Ready(result.map(|()| true)),
+            Poll::Pending if queued_bytes(&state) < before => Poll::Ready(Ok(false)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn queued_bytes(state: &State) -> usize {
+    state
+        .pending
+        .iter()
+        .map(|c| c.head().len() + c.body.len())
+        .sum()
+}
+
+/// Writes queued chunks, several per system call, until the queue is empty
+/// or the socket would block (then `cx` hears when it drains).
+fn write_queue(io: &mut Io, state: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    while !state.pending.is_empty() {
+        let mut slices = [IoSlice::new(&[]); 2 * GATHER];
+        let mut n = 0;
+        for chunk in state.pending.iter().take(GATHER) {
+            for part in [chunk.head(), &chunk.body[..]] {
+                if !part.is_empty() {
+                    slices[n] = IoSlice::new(part);
+                    n += 1;
+                }
+            }
+        }
+        let mut written = match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(0)) if n > 0 => {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            Poll::Ready(Ok(written)) => written,
+        };
+        while let Some(front) = state.pending.front_mut() {
+            written = front.advance(written);
+            if !front.done() {
+                break;
+            }
+            let chunk = state.pending.pop_front().expect("a front chunk");
+            if chunk.counted {
+                state.frames -= 1;
+                state.bytes -= chunk_len(&chunk);
+            }
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// The payload length a counted chunk was pushed with, from its header.
+fn chunk_len(chunk: &Chunk) -> usize {
+    match chunk.head[1] {
+        126 => u16::from_be_bytes([chunk.head[2], chunk.head[3]]) as usize,
+        127 => u64::from_be_bytes(chunk.head[2..10].try_into().expect("8 bytes")) as usize,
+        len => len as usize,
     }
 }
 
 impl Clone for Outbox {
     fn clone(&self) -> Self {
-        self.shared.state.lock().expect("outbox lock").senders += 1;
+        self.shared.lock().senders += 1;
         Outbox {
             shared: self.shared.clone(),
         }
@@ -121,7 +369,7 @@ impl Clone for Outbox {
 
 impl Drop for Outbox {
     fn drop(&mut self) {
-        let mut state = self.shared.state.lock().expect("outbox lock");
+        let mut state = self.shared.lock();
         state.senders -= 1;
         if state.senders == 0 {
             drop(state);
@@ -135,31 +383,29 @@ pub struct Queued {
     shared: Arc<Shared>,
 }
 
-/// What the rooms have for the socket next.
+/// What the socket's task has to do next.
+#[derive(Debug)]
 pub enum Next {
     /// A room dropped this membership.
     Leave(ConnId, Leave),
-    /// Everything queued, oldest first.
-    Frames(VecDeque<Bytes>),
+    /// Bytes wait for the socket to take them: [`Queued::flush`].
+    Write,
     /// Every handle is gone without a leave request.
     Gone,
 }
 
 impl Queued {
-    /// Leave requests first, then every queued frame at once. Cancel-safe:
-    /// items are taken only in the poll that returns them.
+    /// Leave requests first, then whether anything waits to be written.
+    /// Cancel-safe: a leave is taken only in the poll that returns it.
     pub async fn next(&mut self) -> Next {
         loop {
             {
-                let mut state = self.shared.state.lock().expect("outbox lock");
+                let mut state = self.shared.lock();
                 if let Some((conn, why)) = state.leaves.pop() {
                     return Next::Leave(conn, why);
                 }
-                if !state.frames.is_empty() {
-                    state.bytes = 0;
-                    // The queue is handed over whole: an idle socket then keeps
-                    // no slots, and a burst reallocates them cheaply.
-                    return Next::Frames(std::mem::take(&mut state.frames));
+                if !state.pending.is_empty() {
+                    return Next::Write;
                 }
                 if state.senders == 0 {
                     return Next::Gone;
@@ -169,23 +415,106 @@ impl Queued {
             self.shared.ready.notified().await;
         }
     }
+
+    /// Bytes waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        queued_bytes(&self.shared.lock())
+    }
+
+    /// Writes what the socket takes; `Ok(true)` once the queue is empty,
+    /// `Ok(false)` after some progress, pending while the socket is full.
+    pub async fn progress(&self) -> io::Result<bool> {
+        std::future::poll_fn(|cx| self.shared.poll_progress(cx)).await
+    }
+
+    /// Queues a frame of the socket's own (a keepalive), outside the bounds.
+    pub fn send(&self, frame: Bytes) {
+        m::sent((self.shared.kind)(&frame));
+        let mut chunk = Chunk::binary(frame);
+        chunk.counted = false;
+        self.shared.lock().pending.push_back(chunk);
+        self.shared.ready.notify_one();
+    }
+
+    /// The socket is closing: rooms' frames are refused from now on, and
+    /// those not yet begun are dropped so the close frame goes out next.
+    pub fn close(&self) {
+        let mut state = self.shared.lock();
+        state.receiving = false;
+        let keep = state.pending.front().is_some_and(|c| c.begun) as usize;
+        state.pending.truncate(keep);
+        state.frames = 0;
+        state.bytes = 0;
+    }
 }
 
 #[cfg(test)]
 impl Queued {
     /// Whether nothing is queued (for tests that check nothing was sent).
     pub fn is_empty(&self) -> bool {
-        let state = self.shared.state.lock().expect("outbox lock");
-        state.frames.is_empty() && state.leaves.is_empty()
+        let state = self.shared.lock();
+        state.pending.is_empty() && state.leaves.is_empty()
+    }
+
+    /// Takes the payloads of the rooms' frames queued so far.
+    pub fn take_frames(&self) -> Vec<Bytes> {
+        let mut state = self.shared.lock();
+        state.frames = 0;
+        state.bytes = 0;
+        state.pending.drain(..).map(|c| c.body).collect()
     }
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        let mut state = self.shared.state.lock().expect("outbox lock");
+        let mut state = self.shared.lock();
         state.receiving = false;
-        state.frames = VecDeque::new();
+        state.pending = VecDeque::new();
+        state.frames = 0;
         state.bytes = 0;
+    }
+}
+
+/// The connection as the WebSocket library sees it: reads go straight to
+/// the socket; writes join the outbox's queue behind the rooms' frames.
+pub struct Conn {
+    shared: Arc<Shared>,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.shared.io()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut state = self.shared.lock();
+        state.pending.push_back(Chunk::raw(buf));
+        if state.pending.len() == 1 {
+            if let Poll::Ready(Err(e)) = write_queue(&mut self.shared.io(), &mut state, cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.shared.lock();
+        write_queue(&mut self.shared.io(), &mut state, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut *self.shared.io()).poll_shutdown(cx)
     }
 }
 
@@ -194,7 +523,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn frames_come_out_in_one_batch_after_leaves_and_bounds_hold() {
+    async fn frames_wait_behind_leaves_and_bounds_hold() {
         let (outbox, mut queued) = Outbox::new(3, 10);
         outbox.push(Bytes::from_static(b"12345678")).unwrap();
         // Over the byte budget once something is queued.
@@ -205,20 +534,18 @@ mod tests {
             queued.next().await,
             Next::Leave(7, Leave::SlowConsumer)
         ));
-        match queued.next().await {
-            Next::Frames(frames) => assert_eq!(frames.len(), 2),
-            _ => panic!("frames expected"),
-        }
+        assert!(matches!(queued.next().await, Next::Write));
+        assert_eq!(queued.take_frames().len(), 2);
         // A frame larger than the budget fits an empty queue, alone.
         outbox.push(Bytes::from(vec![0; 100])).unwrap();
         assert_eq!(outbox.push(Bytes::new()), Err(Overflow::Full));
-        assert!(matches!(queued.next().await, Next::Frames(f) if f.len() == 1));
+        assert_eq!(queued.take_frames().len(), 1);
         // The frame count bounds too.
         for _ in 0..3 {
             outbox.push(Bytes::new()).unwrap();
         }
         assert_eq!(outbox.push(Bytes::new()), Err(Overflow::Full));
-        assert!(matches!(queued.next().await, Next::Frames(f) if f.len() == 3));
+        assert_eq!(queued.take_frames().len(), 3);
         drop(outbox);
         assert!(matches!(queued.next().await, Next::Gone));
     }
@@ -228,5 +555,26 @@ mod tests {
         let (outbox, queued) = Outbox::new(3, 10);
         drop(queued);
         assert_eq!(outbox.push(Bytes::new()), Err(Overflow::Gone));
+    }
+
+    #[test]
+    fn headers_carry_the_length_in_the_shortest_form() {
+        for (len, head_len) in [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10)] {
+            let chunk = Chunk::binary(Bytes::from(vec![0; len]));
+            assert_eq!(chunk.head_len, head_len);
+            assert_eq!(chunk_len(&chunk), len);
+        }
+    }
+
+    #[test]
+    fn a_partly_written_frame_resumes_where_it_stopped() {
+        let mut chunk = Chunk::binary(Bytes::from_static(b"hello"));
+        assert_eq!(chunk.advance(1), 0);
+        assert!(chunk.begun);
+        assert_eq!(chunk.head(), &[5]);
+        assert_eq!(chunk.advance(3), 0);
+        assert_eq!(&chunk.body[..], b"llo");
+        assert_eq!(chunk.advance(10), 7);
+        assert!(chunk.done());
     }
 }

@@ -1,6 +1,6 @@
 //! The HTTP/1.1 upgrade to a WebSocket, done here rather than by axum's
-//! extractor so that the socket task owns the tokio-tungstenite stream and,
-//! through it, the raw connection: after refusing an oversized message the
+//! extractor so that the socket owns the raw connection: rooms write frames
+//! to it directly (see `outbox`), and after refusing an oversized message the
 //! server must read and discard the rest of it, or the kernel answers the
 //! unread bytes with a reset that destroys the close frame on its way.
 
@@ -13,11 +13,8 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 
-/// An upgraded socket.
-pub type WsStream = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+use super::outbox::Io;
 
 /// A request that asks for a WebSocket.
 pub struct Upgrade {
@@ -68,13 +65,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 impl Upgrade {
     /// Answers 101 and hands the socket, once upgraded, to `serve`. The
     /// returned future is the socket's whole life: the caller spawns it.
-    pub fn accept<F, Fut>(
-        self,
-        config: WebSocketConfig,
-        serve: F,
-    ) -> (Response, impl Future<Output = ()> + Send)
+    pub fn accept<F, Fut>(self, serve: F) -> (Response, impl Future<Output = ()> + Send)
     where
-        F: FnOnce(WsStream) -> Fut + Send,
+        F: FnOnce(Io) -> Fut + Send,
         Fut: Future<Output = ()> + Send,
     {
         let accept =
@@ -91,13 +84,7 @@ impl Upgrade {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
-            serve(ws).await;
+            serve(TokioIo::new(upgraded)).await;
         };
         (response, socket)
     }
