@@ -14,10 +14,10 @@ const ROWS_PER_STATEMENT: usize = 1000;
 /// already there). Documents in sorted order, so appends running at once
 /// (Postgres) lock their rows in one order and cannot deadlock.
 pub(super) fn record<'a, DB>(
+    script: &mut super::append_sql::Script<'a, DB>,
     batch: &'a [crate::store::NewUpdate],
     now: i64,
-) -> Vec<sqlx::QueryBuilder<'a, DB>>
-where
+) where
     DB: sqlx::Database,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -29,25 +29,22 @@ where
         .collect();
     let docs: Vec<&str> = docs.into_iter().collect();
     let authors: Vec<(&str, &str)> = authors.into_iter().collect();
-    let mut queries = Vec::new();
     for chunk in docs.chunks(ROWS_PER_STATEMENT) {
-        let mut q =
-            sqlx::QueryBuilder::new("INSERT INTO history_changes (doc, first_at, last_at) ");
-        q.push_values(chunk.iter().copied(), |mut row, doc| {
-            row.push_bind(doc).push_bind(now).push_bind(now);
-        });
-        q.push(" ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at");
-        queries.push(q);
+        script
+            .statement("INSERT INTO history_changes (doc, first_at, last_at) ")
+            .push_values(chunk.iter().copied(), |mut row, doc| {
+                row.push_bind(doc).push_bind(now).push_bind(now);
+            })
+            .push(" ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at");
     }
     for chunk in authors.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::new("INSERT INTO history_authors (doc, author) ");
-        q.push_values(chunk.iter().copied(), |mut row, (doc, author)| {
-            row.push_bind(doc).push_bind(author);
-        });
-        q.push(" ON CONFLICT DO NOTHING");
-        queries.push(q);
+        script
+            .statement("INSERT INTO history_authors (doc, author) ")
+            .push_values(chunk.iter().copied(), |mut row, (doc, author)| {
+                row.push_bind(doc).push_bind(author);
+            })
+            .push(" ON CONFLICT DO NOTHING");
     }
-    queries
 }
 
 /// The columns of `Stored`, in its order.

@@ -8,6 +8,7 @@
 //! lock, so rows appended meanwhile (by this or another replica) survive and a
 //! load — snapshot plus every remaining row — never misses an update.
 
+mod append_sql;
 pub mod committer;
 mod history_sql;
 mod outbox_sql;
@@ -55,23 +56,6 @@ pub struct NewUpdate {
     pub data: bytes::Bytes,
     /// Who sent it (the token's `sub`).
     pub user: Option<Arc<str>>,
-}
-
-/// One multi-row `INSERT` of `rows` into the update log, for either database.
-fn insert_rows<'a, DB>(rows: &'a [NewUpdate]) -> sqlx::QueryBuilder<'a, DB>
-where
-    DB: sqlx::Database,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    let mut query = sqlx::QueryBuilder::new("INSERT INTO document_updates (doc, data, author) ");
-    query.push_values(rows, |mut row, u| {
-        row.push_bind(&*u.doc)
-            .push_bind(&u.data[..])
-            .push_bind(u.user.as_deref());
-    });
-    query
 }
 
 #[derive(Debug, thiserror::Error)]

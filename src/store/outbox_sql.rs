@@ -5,6 +5,7 @@
 
 use sqlx::{Database, Encode, QueryBuilder, Type};
 
+use super::append_sql::Script;
 use crate::webhooks::outbox::ChangeRow;
 
 /// Deliveries waiting, and when the oldest of their events was made.
@@ -13,17 +14,17 @@ pub(super) const BACKLOG: &str = "SELECT COUNT(*), MIN(created_at) FROM webhook_
 /// Records one (document, author) change; `contains` is the database's
 /// `(haystack, needle)` substring position function.
 pub(super) fn record_change<'a, DB>(
+    script: &mut Script<'a, DB>,
     row: &'a ChangeRow<'a>,
     now: i64,
     contains: &str,
-) -> QueryBuilder<'a, DB>
-where
+) where
     DB: Database,
     i64: Encode<'a, DB> + Type<DB>,
     &'a str: Encode<'a, DB> + Type<DB>,
 {
-    let mut q =
-        QueryBuilder::new("INSERT INTO webhook_changes (doc, first_at, last_at, authors) VALUES (");
+    let q =
+        script.statement("INSERT INTO webhook_changes (doc, first_at, last_at, authors) VALUES (");
     q.push_bind(row.doc)
         .push(", ")
         .push_bind(now)
@@ -38,7 +39,6 @@ where
         .push(") > 0 THEN webhook_changes.authors ELSE webhook_changes.authors || ")
         .push_bind(row.addition.as_str())
         .push(" END");
-    q
 }
 
 /// One event's deliveries, one row per URL (`urls` is never empty).

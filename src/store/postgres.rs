@@ -13,11 +13,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool, Postgres, Row};
+use sqlx::{Connection, PgPool, Postgres, QueryBuilder, Row};
 
+use super::append_sql::{self, insert_rows, Dialect, Script, ROWS_PER_INSERT};
 use super::{
-    history_sql, insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded,
-    NewUpdate, Store, StoreError, StoredDoc, Track, Tracking,
+    history_sql, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
+    Store, StoreError, StoredDoc, Track, Tracking,
 };
 use crate::history::versions::Versions;
 use crate::webhooks::outbox::{
@@ -26,8 +27,6 @@ use crate::webhooks::outbox::{
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Postgres allows 65535 bind parameters per statement; two per row.
-const ROWS_PER_INSERT: usize = 8192;
 /// Group commits in flight at once when a backlog builds up (throughput:
 /// 88,000 → 194,000 persisted updates/s), each on its own connection.
 const CONCURRENT_APPENDS: usize = 3;
@@ -221,40 +220,38 @@ impl Store for PostgresStore {
 
 history_sql::impl_versions!(PostgresStore, Postgres);
 
-/// One statement is its own transaction; a batch too large for one, or one
-/// whose changes webhooks must hear of, takes an explicit one.
+const DIALECT: Dialect = Dialect {
+    insert: INSERT,
+    contains: "strpos",
+};
+
+const INSERT: &str = "INSERT INTO document_updates (doc, data, author) ";
+
+/// A batch that fits one statement commits on its own; otherwise the
+/// append's statements run in one transaction, one query each.
 async fn append_on(
     conn: &mut PgConnection,
     batch: &[NewUpdate],
     track: Track,
 ) -> Result<(), StoreError> {
     if batch.len() <= ROWS_PER_INSERT && !track.any() {
-        insert_rows::<Postgres>(batch)
-            .build()
-            .execute(&mut *conn)
-            .await?;
+        let mut query = QueryBuilder::new(INSERT);
+        insert_rows(&mut query, batch);
+        query.build().execute(&mut *conn).await?;
         return Ok(());
     }
+    let changes = match track.webhooks {
+        true => change_rows(batch),
+        false => Vec::new(),
+    };
+    let mut script = Script::Many(Vec::new());
+    append_sql::append(&mut script, &DIALECT, batch, &changes, track, now_ms());
+    let Script::Many(queries) = script else {
+        unreachable!("built as one query per statement")
+    };
     let mut txn = conn.begin().await?;
-    for chunk in batch.chunks(ROWS_PER_INSERT) {
-        insert_rows::<Postgres>(chunk)
-            .build()
-            .execute(&mut *txn)
-            .await?;
-    }
-    let now = now_ms();
-    if track.webhooks {
-        for row in change_rows(batch) {
-            outbox_sql::record_change::<Postgres>(&row, now, "strpos")
-                .build()
-                .execute(&mut *txn)
-                .await?;
-        }
-    }
-    if track.history {
-        for mut query in history_sql::record(batch, now) {
-            query.build().execute(&mut *txn).await?;
-        }
+    for mut query in queries {
+        query.build().execute(&mut *txn).await?;
     }
     txn.commit().await?;
     Ok(())

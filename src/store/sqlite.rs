@@ -11,11 +11,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
+use super::append_sql::{self, insert_rows, Dialect, Script, ROWS_PER_INSERT};
 use super::{
-    history_sql, insert_rows, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded,
-    NewUpdate, Store, StoreError, StoredDoc, Track, Tracking,
+    history_sql, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
+    Store, StoreError, StoredDoc, Track, Tracking,
 };
 use crate::history::versions::Versions;
 use crate::webhooks::outbox::{
@@ -23,9 +24,6 @@ use crate::webhooks::outbox::{
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// SQLite's bound-parameter limit is 32766; two per row leaves ample margin.
-const ROWS_PER_INSERT: usize = 4096;
 
 pub struct SqliteStore {
     /// Loads, compactions, migrations.
@@ -203,44 +201,43 @@ impl Store for SqliteStore {
 
 history_sql::impl_versions!(SqliteStore, Sqlite);
 
-/// One statement commits on its own, atomically: one round trip to the
-/// connection's thread instead of three (BEGIN, INSERT, COMMIT). A batch too
-/// large for one statement, or one whose changes webhooks must hear of,
-/// takes a transaction.
+/// How an append reads on SQLite. Inside the transaction a failed insert
+/// ends the transaction itself (`OR ROLLBACK`): a multi-row insert that may
+/// stop half-way would otherwise keep a statement journal, a copy of every
+/// page it touches, only to undo the statement alone.
+const DIALECT: Dialect = Dialect {
+    insert: "INSERT OR ROLLBACK INTO document_updates (doc, data, author) ",
+    contains: "instr",
+};
+
+/// An append is one query, so one hand-off to the connection's thread: a
+/// batch that fits one statement commits on its own, atomically; otherwise
+/// the statements run between `BEGIN IMMEDIATE` and `COMMIT` in the same
+/// query (a larger batch, or changes webhooks and history must hear of).
 async fn append_on(
     conn: &mut SqliteConnection,
     batch: &[NewUpdate],
     track: Track,
 ) -> Result<(), StoreError> {
     if batch.len() <= ROWS_PER_INSERT && !track.any() {
-        insert_rows::<Sqlite>(batch)
-            .build()
-            .execute(&mut *conn)
-            .await?;
+        let mut query = QueryBuilder::new("INSERT INTO document_updates (doc, data, author) ");
+        insert_rows(&mut query, batch);
+        query.build().execute(&mut *conn).await?;
         return Ok(());
     }
-    let mut txn = conn.begin_with("BEGIN IMMEDIATE").await?;
-    for chunk in batch.chunks(ROWS_PER_INSERT) {
-        insert_rows::<Sqlite>(chunk)
-            .build()
-            .execute(&mut *txn)
-            .await?;
-    }
-    let now = now_ms();
-    if track.webhooks {
-        for row in change_rows(batch) {
-            outbox_sql::record_change::<Sqlite>(&row, now, "instr")
-                .build()
-                .execute(&mut *txn)
-                .await?;
-        }
-    }
-    if track.history {
-        for mut query in history_sql::record(batch, now) {
-            query.build().execute(&mut *txn).await?;
-        }
-    }
-    txn.commit().await?;
+    let changes = match track.webhooks {
+        true => change_rows(batch),
+        false => Vec::new(),
+    };
+    let mut script = Script::One(QueryBuilder::new("BEGIN IMMEDIATE"));
+    append_sql::append(&mut script, &DIALECT, batch, &changes, track, now_ms());
+    let Script::One(mut query) = script else {
+        unreachable!("built as one query")
+    };
+    query.push("; COMMIT");
+    // A statement that fails can leave the transaction open: `append` drops
+    // the connection on any error, which rolls it back.
+    query.build().execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -356,5 +353,55 @@ impl Outbox for SqliteStore {
         Ok(sqlx::query_as(outbox_sql::BACKLOG)
             .fetch_one(&self.pool)
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::versions::Versions;
+
+    fn update(doc: &str, user: &str) -> NewUpdate {
+        NewUpdate {
+            doc: doc.into(),
+            data: bytes::Bytes::from_static(b"\x00\x00"),
+            user: Some(user.into()),
+        }
+    }
+
+    /// An append and what it tracks are one query: when a statement in it
+    /// fails, none of it is kept, and the next append starts clean.
+    #[tokio::test]
+    async fn a_tracked_append_that_fails_half_way_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        Versions::track_changes(&store);
+        sqlx::query("ALTER TABLE history_authors RENAME TO away")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert!(store.append(&[update("d", "u")]).await.is_err());
+        let count = |table: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                n
+            }
+        };
+        assert_eq!(count("document_updates").await, 0);
+        assert_eq!(count("history_changes").await, 0);
+        sqlx::query("ALTER TABLE away RENAME TO history_authors")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.append(&[update("d", "u")]).await.unwrap();
+        assert_eq!(count("document_updates").await, 1);
+        assert_eq!(count("history_changes").await, 1);
+        assert_eq!(count("history_authors").await, 1);
     }
 }
