@@ -10,9 +10,8 @@ use sqlx::{Database, Encode, QueryBuilder, Type};
 use super::{history_sql, outbox_sql, NewUpdate, Track};
 use crate::webhooks::outbox::ChangeRow;
 
-/// Rows per `INSERT`: 3 bound parameters each, well inside SQLite's limit
-/// of 32766 and PostgreSQL's of 65535.
-pub(super) const ROWS_PER_INSERT: usize = 4096;
+/// How an insert of update rows starts, outside a transaction.
+pub(super) const INSERT_UPDATES: &str = "INSERT INTO document_updates (doc, data, author) ";
 
 /// The statements of one transaction.
 pub(super) enum Script<'a, DB: Database> {
@@ -37,7 +36,7 @@ impl<'a, DB: Database> Script<'a, DB> {
 
 /// The values of one multi-row `INSERT` into the update log; `query` holds
 /// the statement's start (`INSERT … INTO document_updates (doc, data, author) `).
-pub(super) fn insert_rows<'a, DB>(query: &mut QueryBuilder<'a, DB>, rows: &'a [NewUpdate])
+fn insert_rows<'a, DB>(query: &mut QueryBuilder<'a, DB>, rows: &'a [NewUpdate])
 where
     DB: Database,
     &'a str: Encode<'a, DB> + Type<DB>,
@@ -53,14 +52,38 @@ where
 
 /// What the statements of one append differ in between the databases.
 pub(super) struct Dialect {
-    /// How an insert of update rows starts.
+    /// How an insert of update rows starts inside the transaction.
     pub insert: &'static str,
+    /// Rows per insert (3 bound parameters each), inside the database's limit
+    /// on bound parameters.
+    pub rows_per_insert: usize,
     /// The `(haystack, needle)` substring position function.
     pub contains: &'static str,
 }
 
+/// The one statement an append needs when its rows fit one insert and
+/// nothing tracks them: it commits on its own, atomically.
+pub(super) fn lone_insert<'a, DB>(
+    dialect: &Dialect,
+    batch: &'a [NewUpdate],
+    track: Track,
+) -> Option<QueryBuilder<'a, DB>>
+where
+    DB: Database,
+    &'a str: Encode<'a, DB> + Type<DB>,
+    &'a [u8]: Encode<'a, DB> + Type<DB>,
+    Option<&'a str>: Encode<'a, DB> + Type<DB>,
+{
+    if batch.len() > dialect.rows_per_insert || track.any() {
+        return None;
+    }
+    let mut query = QueryBuilder::new(INSERT_UPDATES);
+    insert_rows(&mut query, batch);
+    Some(query)
+}
+
 /// Adds an append's statements to `script`: its rows, in inserts of at most
-/// [`ROWS_PER_INSERT`], then the changes webhooks (`changes`, from
+/// `dialect.rows_per_insert`, then the changes webhooks (`changes`, from
 /// `change_rows`) and history track.
 pub(super) fn append<'a, DB>(
     script: &mut Script<'a, DB>,
@@ -76,7 +99,7 @@ pub(super) fn append<'a, DB>(
     &'a [u8]: Encode<'a, DB> + Type<DB>,
     Option<&'a str>: Encode<'a, DB> + Type<DB>,
 {
-    for chunk in batch.chunks(ROWS_PER_INSERT) {
+    for chunk in batch.chunks(dialect.rows_per_insert) {
         insert_rows(script.statement(dialect.insert), chunk);
     }
     if track.webhooks {

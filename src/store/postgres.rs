@@ -13,9 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{Connection, PgPool, Postgres, Row};
 
-use super::append_sql::{self, insert_rows, Dialect, Script, ROWS_PER_INSERT};
+use super::append_sql::{self, Dialect, Script, INSERT_UPDATES};
 use super::{
     history_sql, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
     Store, StoreError, StoredDoc, Track, Tracking,
@@ -221,11 +221,11 @@ impl Store for PostgresStore {
 history_sql::impl_versions!(PostgresStore, Postgres);
 
 const DIALECT: Dialect = Dialect {
-    insert: INSERT,
+    insert: INSERT_UPDATES,
+    // The limit is 65535 bound parameters.
+    rows_per_insert: 8192,
     contains: "strpos",
 };
-
-const INSERT: &str = "INSERT INTO document_updates (doc, data, author) ";
 
 /// A batch that fits one statement commits on its own; otherwise the
 /// append's statements run in one transaction, one query each.
@@ -234,9 +234,7 @@ async fn append_on(
     batch: &[NewUpdate],
     track: Track,
 ) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT && !track.any() {
-        let mut query = QueryBuilder::new(INSERT);
-        insert_rows(&mut query, batch);
+    if let Some(mut query) = append_sql::lone_insert(&DIALECT, batch, track) {
         query.build().execute(&mut *conn).await?;
         return Ok(());
     }

@@ -13,7 +13,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
-use super::append_sql::{self, insert_rows, Dialect, Script, ROWS_PER_INSERT};
+use super::append_sql::{self, Dialect, Script};
 use super::{
     history_sql, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
     Store, StoreError, StoredDoc, Track, Tracking,
@@ -207,6 +207,8 @@ history_sql::impl_versions!(SqliteStore, Sqlite);
 /// page it touches, only to undo the statement alone.
 const DIALECT: Dialect = Dialect {
     insert: "INSERT OR ROLLBACK INTO document_updates (doc, data, author) ",
+    // The limit is 32766 bound parameters.
+    rows_per_insert: 4096,
     contains: "instr",
 };
 
@@ -219,9 +221,7 @@ async fn append_on(
     batch: &[NewUpdate],
     track: Track,
 ) -> Result<(), StoreError> {
-    if batch.len() <= ROWS_PER_INSERT && !track.any() {
-        let mut query = QueryBuilder::new("INSERT INTO document_updates (doc, data, author) ");
-        insert_rows(&mut query, batch);
+    if let Some(mut query) = append_sql::lone_insert(&DIALECT, batch, track) {
         query.build().execute(&mut *conn).await?;
         return Ok(());
     }
