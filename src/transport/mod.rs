@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::future::OptionFuture;
+use futures::{FutureExt, SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -154,8 +155,35 @@ impl From<Close> for End {
 
 /// Serves one socket: `open` makes the session (joining its first room, or
 /// refusing the socket) with the socket's outbox, then the loop runs until the
-/// socket ends, and the end is logged and counted.
-pub async fn run<S, F, Fut>(io: Io, ctx: Arc<Context>, open: F)
+/// socket ends, and the end is logged and counted. The returned future is the
+/// socket's whole life.
+///
+/// Two futures chained, the first boxed and freed before the second starts:
+/// an async fn keeps its arguments for its whole life, so one future for both
+/// would make every idle socket's task carry what opening it needed.
+pub fn run<S, F, Fut>(io: Io, ctx: Arc<Context>, open: F) -> impl Future<Output = ()>
+where
+    S: Session,
+    F: FnOnce(Outbox) -> Fut,
+    Fut: Future<Output = Result<S, Close>>,
+{
+    Box::pin(start(io, ctx, open))
+        .then(|live| OptionFuture::from(live.map(Live::run)))
+        .map(drop)
+}
+
+/// A socket whose session is open. Boxed: an async fn that takes a value
+/// keeps room for it twice (the argument and the body's binding).
+struct Live<S> {
+    ws: WsStream,
+    session: S,
+    queued: Queued,
+    ctx: Arc<Context>,
+    started: Instant,
+}
+
+/// Opens the session; a refused socket is closed here, and `None` returned.
+async fn start<S, F, Fut>(io: Io, ctx: Arc<Context>, open: F) -> Option<Box<Live<S>>>
 where
     S: Session,
     F: FnOnce(Outbox) -> Fut,
@@ -164,40 +192,55 @@ where
     let started = Instant::now();
     m::connections(1.0);
     let limits = &ctx.limits;
-    let (outbox, mut queued, conn) =
+    let (outbox, queued, conn) =
         Outbox::with_io(io, limits.outbox_capacity, limits.outbox_bytes, S::kind);
     let mut ws =
         WebSocketStream::from_raw_socket(conn, Role::Server, Some(ctx.websocket_config())).await;
-    // Boxed, as everything that runs once: only the loop's state should size
-    // the task every idle socket carries.
-    let (end, (doc, user)) = match Box::pin(open(outbox)).await {
-        Ok(mut session) => {
-            let end = serve(&mut ws, &mut session, &mut queued, &ctx).await;
-            if let End::Close { close, unreadable } = &end {
-                let late = close.accepts_late_frames().then_some(&mut session);
-                Box::pin(close_handshake(
-                    &mut ws,
-                    &queued,
-                    close,
-                    late,
-                    *unreadable,
-                    &ctx,
-                ))
-                .await;
-            }
-            let described = session.describe();
-            Box::pin(session.finish()).await;
-            (end, described)
-        }
+    match open(outbox).await {
+        Ok(session) => Some(Box::new(Live {
+            ws,
+            session,
+            queued,
+            ctx,
+            started,
+        })),
         Err(close) => {
-            Box::pin(close_handshake::<S>(
-                &mut ws, &queued, &close, None, false, &ctx,
-            ))
-            .await;
-            (End::from(close), ("-".into(), "-".into()))
+            close_handshake::<S>(&mut ws, &queued, &close, None, false, &ctx).await;
+            ended(started, &End::from(close), ("-".into(), "-".into()));
+            None
         }
-    };
-    let (code, reason) = match &end {
+    }
+}
+
+impl<S: Session> Live<S> {
+    async fn run(mut self: Box<Self>) {
+        let end = serve(&mut self.ws, &mut self.session, &mut self.queued, &self.ctx).await;
+        // Boxed, as everything that runs once: only the loop's state should
+        // size the task every idle socket carries.
+        Box::pin(self.finish(end)).await;
+    }
+
+    async fn finish(self: Box<Self>, end: End) {
+        let Live {
+            mut ws,
+            mut session,
+            queued,
+            ctx,
+            started,
+        } = *self;
+        if let End::Close { close, unreadable } = &end {
+            let late = close.accepts_late_frames().then_some(&mut session);
+            close_handshake(&mut ws, &queued, close, late, *unreadable, &ctx).await;
+        }
+        let described = session.describe();
+        session.finish().await;
+        ended(started, &end, described);
+    }
+}
+
+/// Logs and counts the end of a socket.
+fn ended(started: Instant, end: &End, (doc, user): (String, String)) {
+    let (code, reason) = match end {
         End::Close { close, .. } => (Some(close.code()), close.reason()),
         End::PeerGone(why) => (None, (*why).into()),
     };

@@ -215,14 +215,8 @@ impl Outbox {
         m::sent((shared.kind)(&frame));
         let first = state.pending.is_empty();
         let large = frame.len() >= BULK_BYTES;
-        state.frames += 1;
-        state.bytes += frame.len();
-        state.pending.push_back(Chunk::binary(frame));
-        // Something queued ahead means the socket's task is already on it.
-        if !first {
-            return Ok(());
-        }
-        if write_now && !large {
+        let mut chunk = Chunk::binary(frame);
+        if first && write_now && !large {
             if let Some(io) = &shared.io {
                 let mut io = io.lock().expect("io lock");
                 // Outside tokio's budget: a room writing to hundreds of
@@ -230,14 +224,20 @@ impl Outbox {
                 // 128 "not ready". Nobody is registered to hear of the socket
                 // draining here: what is left wakes the socket's task below.
                 let write = tokio::task::unconstrained(std::future::poll_fn(|cx| {
-                    write_queue(&mut io, &mut state, cx)
+                    write_chunk(&mut io, &mut chunk, cx)
                 }));
                 let _ = pin!(write).poll(&mut Context::from_waker(Waker::noop()));
+                if chunk.done() {
+                    return Ok(());
+                }
             }
         }
-        let wake = !state.pending.is_empty();
+        state.frames += 1;
+        state.bytes += chunk_len(&chunk);
+        state.pending.push_back(chunk);
         drop(state);
-        if wake {
+        // Something queued ahead means the socket's task is already on it.
+        if first {
             shared.ready.notify_one();
         }
         Ok(())
@@ -345,6 +345,20 @@ fn write_queue(io: &mut Io, state: &mut State, cx: &mut Context<'_>) -> Poll<io:
                 state.bytes -= chunk_len(&chunk);
             }
         }
+    }
+    // What a backlog grew is given back: an idle socket keeps no queue.
+    state.pending = VecDeque::new();
+    Poll::Ready(Ok(()))
+}
+
+/// Writes one chunk until it is done or the socket would block.
+fn write_chunk(io: &mut Io, chunk: &mut Chunk, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    while !chunk.done() {
+        let slices = [IoSlice::new(chunk.head()), IoSlice::new(&chunk.body)];
+        match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            written => chunk.advance(written),
+        };
     }
     Poll::Ready(Ok(()))
 }
@@ -498,11 +512,18 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut state = self.shared.lock();
-        state.pending.push_back(Chunk::raw(buf));
-        if state.pending.len() == 1 {
-            if let Poll::Ready(Err(e)) = write_queue(&mut self.shared.io(), &mut state, cx) {
-                return Poll::Ready(Err(e));
-            }
+        let written = match state.pending.is_empty() {
+            true => match Pin::new(&mut *self.shared.io()).poll_write(cx, buf) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Pending => 0,
+            },
+            false => 0,
+        };
+        if written < buf.len() {
+            let mut rest = Chunk::raw(&buf[written..]);
+            rest.begun = written > 0;
+            state.pending.push_back(rest);
         }
         Poll::Ready(Ok(buf.len()))
     }

@@ -11,6 +11,8 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures::future::OptionFuture;
+use futures::FutureExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -79,13 +81,13 @@ impl Upgrade {
             .header(header::SEC_WEBSOCKET_ACCEPT, accept)
             .body(Body::empty())
             .expect("a valid response");
-        let on_upgrade = self.on_upgrade;
-        let socket = async move {
-            let Ok(upgraded) = on_upgrade.await else {
-                return;
-            };
-            serve(TokioIo::new(upgraded)).await;
-        };
+        // Chained rather than one async block, which would keep `serve`'s
+        // captures in the task for the socket's whole life.
+        let socket = self
+            .on_upgrade
+            .map(Result::ok)
+            .then(|upgraded| OptionFuture::from(upgraded.map(|io| serve(TokioIo::new(io)))))
+            .map(drop);
         (response, socket)
     }
 }
