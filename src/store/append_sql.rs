@@ -10,9 +10,6 @@ use sqlx::{Database, Encode, QueryBuilder, Type};
 use super::{history_sql, outbox_sql, NewUpdate, Track};
 use crate::webhooks::outbox::ChangeRow;
 
-/// How an insert of update rows starts, outside a transaction.
-pub(super) const INSERT_UPDATES: &str = "INSERT INTO document_updates (doc, data, author) ";
-
 /// The statements of one transaction.
 pub(super) enum Script<'a, DB: Database> {
     /// One query holding every statement, separated by `;`.
@@ -34,31 +31,60 @@ impl<'a, DB: Database> Script<'a, DB> {
     }
 }
 
-/// The values of one multi-row `INSERT` into the update log; `query` holds
-/// the statement's start (`INSERT … INTO document_updates (doc, data, author) `).
-fn insert_rows<'a, DB>(query: &mut QueryBuilder<'a, DB>, rows: &'a [NewUpdate])
-where
+/// The rest of one multi-row insert into the update log, after `INSERT` and
+/// its conflict clause: the columns and the rows' values, with the time
+/// accepted (seconds) when `created_at` is given.
+fn insert_rows<'a, DB>(
+    query: &mut QueryBuilder<'a, DB>,
+    rows: &'a [NewUpdate],
+    created_at: Option<i64>,
+) where
     DB: Database,
+    i64: Encode<'a, DB> + Type<DB>,
     &'a str: Encode<'a, DB> + Type<DB>,
     &'a [u8]: Encode<'a, DB> + Type<DB>,
     Option<&'a str>: Encode<'a, DB> + Type<DB>,
 {
+    query.push(match created_at {
+        Some(_) => " INTO document_updates (doc, data, author, created_at) ",
+        None => " INTO document_updates (doc, data, author) ",
+    });
     query.push_values(rows, |mut row, u| {
         row.push_bind(&*u.doc)
             .push_bind(&u.data[..])
             .push_bind(u.user.as_deref());
+        if let Some(at) = created_at {
+            row.push_bind(at);
+        }
     });
 }
 
 /// What the statements of one append differ in between the databases.
 pub(super) struct Dialect {
-    /// How an insert of update rows starts inside the transaction.
-    pub insert: &'static str,
-    /// Rows per insert (3 bound parameters each), inside the database's limit
-    /// on bound parameters.
+    /// The conflict clause of the multi-row statements inside the
+    /// transaction, where the database has one (` OR ROLLBACK` on SQLite).
+    /// With it, a failing statement ends the transaction: SQLite otherwise
+    /// keeps a statement journal for any statement that may stop half-way,
+    /// a copy of every page it touches, only to undo that statement alone.
+    /// A database without one takes upserts that update on conflict.
+    pub or_rollback: Option<&'static str>,
+    /// Whether inserts give `created_at` rather than leave it to the column's
+    /// default: SQLite's default calls `unixepoch()`, and a statement that
+    /// calls a function may fail half-way, so it would keep a statement
+    /// journal whatever its conflict clause.
+    pub created_at: bool,
+    /// Rows per insert (at most 4 bound parameters each), inside the
+    /// database's limit on bound parameters.
     pub rows_per_insert: usize,
     /// The `(haystack, needle)` substring position function.
     pub contains: &'static str,
+}
+
+impl Dialect {
+    /// `created_at` for rows accepted at `now` (milliseconds), if given.
+    fn created_at(&self, now: i64) -> Option<i64> {
+        self.created_at.then_some(now / 1000)
+    }
 }
 
 /// The one statement an append needs when its rows fit one insert and
@@ -67,9 +93,11 @@ pub(super) fn lone_insert<'a, DB>(
     dialect: &Dialect,
     batch: &'a [NewUpdate],
     track: Track,
+    now: i64,
 ) -> Option<QueryBuilder<'a, DB>>
 where
     DB: Database,
+    i64: Encode<'a, DB> + Type<DB>,
     &'a str: Encode<'a, DB> + Type<DB>,
     &'a [u8]: Encode<'a, DB> + Type<DB>,
     Option<&'a str>: Encode<'a, DB> + Type<DB>,
@@ -77,8 +105,8 @@ where
     if batch.len() > dialect.rows_per_insert || track.any() {
         return None;
     }
-    let mut query = QueryBuilder::new(INSERT_UPDATES);
-    insert_rows(&mut query, batch);
+    let mut query = QueryBuilder::new("INSERT");
+    insert_rows(&mut query, batch, dialect.created_at(now));
     Some(query)
 }
 
@@ -99,8 +127,10 @@ pub(super) fn append<'a, DB>(
     &'a [u8]: Encode<'a, DB> + Type<DB>,
     Option<&'a str>: Encode<'a, DB> + Type<DB>,
 {
+    let or_rollback = dialect.or_rollback.unwrap_or_default();
     for chunk in batch.chunks(dialect.rows_per_insert) {
-        insert_rows(script.statement(dialect.insert), chunk);
+        let insert = script.statement("INSERT").push(or_rollback);
+        insert_rows(insert, chunk, dialect.created_at(now));
     }
     if track.webhooks {
         for row in changes {
@@ -108,6 +138,6 @@ pub(super) fn append<'a, DB>(
         }
     }
     if track.history {
-        history_sql::record(script, batch, now);
+        history_sql::record(script, batch, now, dialect.or_rollback);
     }
 }

@@ -10,13 +10,17 @@
 const ROWS_PER_STATEMENT: usize = 1000;
 
 /// What an append records for history, in its transaction: which documents
-/// changed (one upsert) and who changed them (one insert that skips pairs
-/// already there). Documents in sorted order, so appends running at once
-/// (Postgres) lock their rows in one order and cannot deadlock.
+/// changed and who changed them (an insert that skips pairs already there).
+/// Documents in sorted order, so appends running at once (Postgres) lock
+/// their rows in one order and cannot deadlock. With `or_rollback` (SQLite,
+/// see `append_sql::Dialect`) the changes are an insert that skips documents
+/// already there and an update of their last time, as a multi-row upsert
+/// that updates cannot take that clause; otherwise one upsert.
 pub(super) fn record<'a, DB>(
     script: &mut super::append_sql::Script<'a, DB>,
     batch: &'a [crate::store::NewUpdate],
     now: i64,
+    or_rollback: Option<&str>,
 ) where
     DB: sqlx::Database,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -29,17 +33,37 @@ pub(super) fn record<'a, DB>(
         .collect();
     let docs: Vec<&str> = docs.into_iter().collect();
     let authors: Vec<(&str, &str)> = authors.into_iter().collect();
+    let clause = or_rollback.unwrap_or_default();
     for chunk in docs.chunks(ROWS_PER_STATEMENT) {
         script
-            .statement("INSERT INTO history_changes (doc, first_at, last_at) ")
+            .statement("INSERT")
+            .push(clause)
+            .push(" INTO history_changes (doc, first_at, last_at) ")
             .push_values(chunk.iter().copied(), |mut row, doc| {
                 row.push_bind(doc).push_bind(now).push_bind(now);
             })
-            .push(" ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at");
+            .push(match or_rollback {
+                Some(_) => " ON CONFLICT (doc) DO NOTHING",
+                None => " ON CONFLICT (doc) DO UPDATE SET last_at = excluded.last_at",
+            });
+        if or_rollback.is_some() {
+            let update = script
+                .statement("UPDATE")
+                .push(clause)
+                .push(" history_changes SET last_at = ");
+            update.push_bind(now).push(" WHERE doc IN (");
+            let mut list = update.separated(", ");
+            for doc in chunk {
+                list.push_bind(*doc);
+            }
+            update.push(")");
+        }
     }
     for chunk in authors.chunks(ROWS_PER_STATEMENT) {
         script
-            .statement("INSERT INTO history_authors (doc, author) ")
+            .statement("INSERT")
+            .push(clause)
+            .push(" INTO history_authors (doc, author) ")
             .push_values(chunk.iter().copied(), |mut row, (doc, author)| {
                 row.push_bind(doc).push_bind(author);
             })

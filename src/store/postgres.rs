@@ -15,7 +15,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
-use super::append_sql::{self, Dialect, Script, INSERT_UPDATES};
+use super::append_sql::{self, Dialect, Script};
 use super::{
     history_sql, outbox_sql, pack_snapshot, pending_versions, unpack_snapshot, Folded, NewUpdate,
     Store, StoreError, StoredDoc, Track, Tracking,
@@ -221,8 +221,9 @@ impl Store for PostgresStore {
 history_sql::impl_versions!(PostgresStore, Postgres);
 
 const DIALECT: Dialect = Dialect {
-    insert: INSERT_UPDATES,
+    or_rollback: None,
     // The limit is 65535 bound parameters.
+    created_at: false,
     rows_per_insert: 8192,
     contains: "strpos",
 };
@@ -234,7 +235,8 @@ async fn append_on(
     batch: &[NewUpdate],
     track: Track,
 ) -> Result<(), StoreError> {
-    if let Some(mut query) = append_sql::lone_insert(&DIALECT, batch, track) {
+    let now = now_ms();
+    if let Some(mut query) = append_sql::lone_insert(&DIALECT, batch, track, now) {
         query.build().execute(&mut *conn).await?;
         return Ok(());
     }
@@ -243,7 +245,7 @@ async fn append_on(
         false => Vec::new(),
     };
     let mut script = Script::Many(Vec::new());
-    append_sql::append(&mut script, &DIALECT, batch, &changes, track, now_ms());
+    append_sql::append(&mut script, &DIALECT, batch, &changes, track, now);
     let Script::Many(queries) = script else {
         unreachable!("built as one query per statement")
     };

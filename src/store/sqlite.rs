@@ -201,13 +201,12 @@ impl Store for SqliteStore {
 
 history_sql::impl_versions!(SqliteStore, Sqlite);
 
-/// How an append reads on SQLite. Inside the transaction a failed insert
-/// ends the transaction itself (`OR ROLLBACK`): a multi-row insert that may
-/// stop half-way would otherwise keep a statement journal, a copy of every
-/// page it touches, only to undo the statement alone.
+/// How an append reads on SQLite: inside the transaction a failed statement
+/// ends the transaction itself (see `Dialect::or_rollback`).
 const DIALECT: Dialect = Dialect {
-    insert: "INSERT OR ROLLBACK INTO document_updates (doc, data, author) ",
+    or_rollback: Some(" OR ROLLBACK"),
     // The limit is 32766 bound parameters.
+    created_at: true,
     rows_per_insert: 4096,
     contains: "instr",
 };
@@ -221,7 +220,8 @@ async fn append_on(
     batch: &[NewUpdate],
     track: Track,
 ) -> Result<(), StoreError> {
-    if let Some(mut query) = append_sql::lone_insert(&DIALECT, batch, track) {
+    let now = now_ms();
+    if let Some(mut query) = append_sql::lone_insert(&DIALECT, batch, track, now) {
         query.build().execute(&mut *conn).await?;
         return Ok(());
     }
@@ -230,7 +230,7 @@ async fn append_on(
         false => Vec::new(),
     };
     let mut script = Script::One(QueryBuilder::new("BEGIN IMMEDIATE"));
-    append_sql::append(&mut script, &DIALECT, batch, &changes, track, now_ms());
+    append_sql::append(&mut script, &DIALECT, batch, &changes, track, now);
     let Script::One(mut query) = script else {
         unreachable!("built as one query")
     };
