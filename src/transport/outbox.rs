@@ -295,10 +295,10 @@ impl Shared {
     /// socket takes no more after some progress (`Ready(Ok(false))`).
     fn poll_progress(&self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         let mut state = self.lock();
-        let before = queued_bytes(&state);
-        match write_queue(&mut self.io(), &mut state, cx) {
+        let mut wrote = false;
+        match write_queue(&mut self.io(), &mut state, cx, &mut wrote) {
             Poll::Ready(result) => Poll::Ready(result.map(|()| true)),
-            Poll::Pending if queued_bytes(&state) < before => Poll::Ready(Ok(false)),
+            Poll::Pending if wrote => Poll::Ready(Ok(false)),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -313,8 +313,14 @@ fn queued_bytes(state: &State) -> usize {
 }
 
 /// Writes queued chunks, several per system call, until the queue is empty
-/// or the socket would block (then `cx` hears when it drains).
-fn write_queue(io: &mut Io, state: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+/// or the socket would block (then `cx` hears when it drains); `wrote`
+/// says whether any byte went out.
+fn write_queue(
+    io: &mut Io,
+    state: &mut State,
+    cx: &mut Context<'_>,
+    wrote: &mut bool,
+) -> Poll<io::Result<()>> {
     while !state.pending.is_empty() {
         let mut slices = [IoSlice::new(&[]); 2 * GATHER];
         let mut n = 0;
@@ -334,6 +340,7 @@ fn write_queue(io: &mut Io, state: &mut State, cx: &mut Context<'_>) -> Poll<io:
             }
             Poll::Ready(Ok(written)) => written,
         };
+        *wrote = true;
         while let Some(front) = state.pending.front_mut() {
             written = front.advance(written);
             if !front.done() {
@@ -530,7 +537,7 @@ impl AsyncWrite for Conn {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = self.shared.lock();
-        write_queue(&mut self.shared.io(), &mut state, cx)
+        write_queue(&mut self.shared.io(), &mut state, cx, &mut false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
