@@ -353,3 +353,85 @@ async fn outage_past_the_memory_budget_refuses_writes_with_1013() {
     reader.wait_text("t", &stored).await;
     assert!(reader.stays_open(Duration::from_millis(100)).await);
 }
+
+/// An append whose tracking fits one statement (history alone, or webhooks
+/// with one author per document) goes as one chained statement; two authors
+/// of one document with webhooks need the transaction of one query per
+/// statement. Both must record the same rows.
+#[tokio::test]
+async fn appends_record_history_and_webhook_changes_in_either_form() {
+    let url = migrated_postgres().await;
+    let store = store::open(&url).await.unwrap();
+    let (a, b): (Arc<str>, Arc<str>) = (unique("track-a").into(), unique("track-b").into());
+    let update = |doc: &Arc<str>, user: &str| NewUpdate {
+        doc: doc.clone(),
+        data: Bytes::from_static(&[0, 0]),
+        user: Some(user.into()),
+    };
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let rows = |sql: &'static str, doc: Arc<str>| {
+        let pool = pool.clone();
+        async move {
+            let mut got: Vec<String> = sqlx::query_scalar(sql)
+                .bind(&*doc)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            got.sort();
+            got
+        }
+    };
+    const AUTHORS: &str = "SELECT author FROM history_authors WHERE doc = $1";
+    const CHANGED: &str = "SELECT doc FROM history_changes WHERE doc = $1";
+    const LOGGED: &str = "SELECT author FROM document_updates WHERE doc = $1";
+
+    // History alone: chained.
+    store.versions().unwrap().track_changes();
+    store
+        .append(&[update(&a, "ada"), update(&a, "bob"), update(&b, "ada")])
+        .await
+        .unwrap();
+    assert_eq!(rows(AUTHORS, a.clone()).await, ["ada", "bob"]);
+    assert_eq!(rows(AUTHORS, b.clone()).await, ["ada"]);
+    assert_eq!(rows(CHANGED, b.clone()).await, [&*b]);
+    assert_eq!(rows(LOGGED, a.clone()).await, ["ada", "bob"]);
+
+    // Webhooks too, two authors of `a` in one batch: one query per statement.
+    store.outbox().unwrap().track_changes();
+    store
+        .append(&[update(&a, "carol"), update(&a, "dan"), update(&b, "erin")])
+        .await
+        .unwrap();
+    webhooks_track(&pool, &a, &["carol", "dan"]).await;
+    assert_eq!(
+        rows(AUTHORS, a.clone()).await,
+        ["ada", "bob", "carol", "dan"]
+    );
+
+    // Webhooks with one author per document: chained again, and the change
+    // rows already there are updated, not duplicated.
+    store
+        .append(&[update(&a, "fay"), update(&b, "erin")])
+        .await
+        .unwrap();
+    webhooks_track(&pool, &a, &["fay", "dan"]).await;
+    assert_eq!(rows(AUTHORS, b.clone()).await, ["ada", "erin"]);
+    assert_eq!(rows(LOGGED, b.clone()).await, ["ada", "erin", "erin"]);
+    assert_eq!(rows(CHANGED, a.clone()).await, [&*a]);
+    store.close().await;
+}
+
+/// Asserts that webhooks track each of `authors` in `doc`'s pending change.
+async fn webhooks_track(pool: &sqlx::PgPool, doc: &str, authors: &[&str]) {
+    let tracked: String = sqlx::query_scalar("SELECT authors FROM webhook_changes WHERE doc = $1")
+        .bind(doc)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    for author in authors {
+        assert!(
+            tracked.contains(&format!("\"{author}\"")),
+            "{author} in {tracked:?}"
+        );
+    }
+}

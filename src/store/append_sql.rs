@@ -2,8 +2,9 @@
 //! rows, then what webhooks and history track of them. The statements are
 //! the same; how they are sent differs. SQLite takes them as one query, so
 //! an append is one hand-off to its connection's thread instead of one per
-//! statement (on a small machine the hand-offs cost more than the writes);
-//! PostgreSQL takes one statement per query.
+//! statement (on a small machine the hand-offs cost more than the writes).
+//! PostgreSQL takes them as one statement of chained parts where it can, so
+//! an append is one round trip, and one statement per query otherwise.
 
 use sqlx::{Database, Encode, QueryBuilder, Type};
 
@@ -16,6 +17,13 @@ pub(super) enum Script<'a, DB: Database> {
     One(QueryBuilder<'a, DB>),
     /// One query per statement.
     Many(Vec<QueryBuilder<'a, DB>>),
+    /// One statement whose parts are data-modifying `WITH` queries
+    /// (PostgreSQL): atomic on its own, without a transaction's round trips.
+    /// No two parts may change the same row: one statement cannot.
+    Chained {
+        query: QueryBuilder<'a, DB>,
+        parts: usize,
+    },
 }
 
 impl<'a, DB: Database> Script<'a, DB> {
@@ -27,7 +35,32 @@ impl<'a, DB: Database> Script<'a, DB> {
                 list.push(QueryBuilder::new(sql));
                 list.last_mut().expect("a statement")
             }
+            Script::Chained { query, parts } => {
+                match *parts {
+                    0 => query.push("WITH p0 AS ("),
+                    n => query.push(format_args!("), p{n} AS (")),
+                };
+                *parts += 1;
+                query.push(sql)
+            }
         }
+    }
+
+    /// A chain of parts, to be ended by [`Script::end_chain`].
+    pub(super) fn chain() -> Self {
+        Script::Chained {
+            query: QueryBuilder::new(""),
+            parts: 0,
+        }
+    }
+
+    /// The statement of a [`Script::chain`].
+    pub(super) fn end_chain(self) -> QueryBuilder<'a, DB> {
+        let Script::Chained { mut query, .. } = self else {
+            unreachable!("only a chain is ended")
+        };
+        query.push(") SELECT 1");
+        query
     }
 }
 

@@ -228,8 +228,15 @@ const DIALECT: Dialect = Dialect {
     contains: "strpos",
 };
 
-/// A batch that fits one statement commits on its own; otherwise the
-/// append's statements run in one transaction, one query each.
+/// Rows an append sends as one chained statement: what history records of
+/// them stays well inside the 65535 bound parameters too.
+const CHAINED_ROWS: usize = 4096;
+
+/// A batch that fits one statement commits on its own, in one round trip:
+/// one insert, or the whole append chained. Otherwise (a large batch, or
+/// webhooks tracking several authors of one document: their upserts change
+/// one row twice, which one statement cannot) the append's statements run
+/// in one transaction, one query each.
 async fn append_on(
     conn: &mut PgConnection,
     batch: &[NewUpdate],
@@ -244,6 +251,16 @@ async fn append_on(
         true => change_rows(batch),
         false => Vec::new(),
     };
+    let one_change_per_doc = || {
+        let docs: std::collections::HashSet<&str> = changes.iter().map(|c| c.doc).collect();
+        docs.len() == changes.len()
+    };
+    if batch.len() <= CHAINED_ROWS && one_change_per_doc() {
+        let mut script = Script::chain();
+        append_sql::append(&mut script, &DIALECT, batch, &changes, track, now);
+        script.end_chain().build().execute(&mut *conn).await?;
+        return Ok(());
+    }
     let mut script = Script::Many(Vec::new());
     append_sql::append(&mut script, &DIALECT, batch, &changes, track, now);
     let Script::Many(queries) = script else {
