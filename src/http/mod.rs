@@ -33,7 +33,7 @@ pub struct AppState {
     pub allowed_origins: Option<Arc<Vec<String>>>,
     pub client_addrs: ClientAddrs,
     pub metrics: PrometheusHandle,
-    /// What every socket shares (limits, shutdown, heartbeat).
+    /// What every socket shares (limits, the heartbeat that also carries shutdown).
     pub transport: Arc<transport::Context>,
     /// Open sockets, so shutdown can wait for them to close.
     pub connections: tokio_util::task::TaskTracker,

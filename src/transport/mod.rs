@@ -83,9 +83,9 @@ pub trait Session: Send {
 /// What every socket shares.
 pub struct Context {
     pub limits: Arc<Limits>,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Ticks at half the ping interval: one timer for every socket.
+    /// Ticks at half the ping interval: one timer for every socket. Closed
+    /// when the server starts shutting down: the sockets hear both through
+    /// one wait, which every idle socket carries.
     pub heartbeat: watch::Receiver<u64>,
     /// Turns to write a large batch (a whole document, as after a join).
     pub bulk: Arc<tokio::sync::Semaphore>,
@@ -119,7 +119,8 @@ impl Context {
     }
 }
 
-/// Starts the heartbeat every socket listens to; it stops with `shutdown`.
+/// Starts the heartbeat every socket listens to; it stops, closing the
+/// channel, with `shutdown`.
 pub fn heartbeat(ping_interval: Duration, shutdown: CancellationToken) -> watch::Receiver<u64> {
     let (tx, rx) = watch::channel(0u64);
     let half = (ping_interval / 2).max(Duration::from_millis(10));
@@ -285,7 +286,23 @@ async fn serve<S: Session>(
         }
         tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled() => return Close::ShuttingDown.into(),
+            // First, so shutdown is heard even by a socket always busy.
+            beat = heartbeat.changed() => {
+                let Ok(()) = beat else { return Close::ShuttingDown.into() };
+                let beat = *heartbeat.borrow_and_update();
+                if let Some(frame) = session.keepalive() {
+                    queued.send(frame);
+                }
+                // A ping every other beat: every ping interval.
+                if beat.is_multiple_of(2) {
+                    if last_heard.elapsed() >= limits.pong_timeout {
+                        return Close::NoPong.into();
+                    }
+                    if let Err(end) = Box::pin(ping(ws, limits)).await {
+                        return end;
+                    }
+                }
+            }
             _ = expired(&mut timer) => {
                 timer = None;
                 if let Err(close) = Box::pin(session.expire()).await {
@@ -307,22 +324,6 @@ async fn serve<S: Session>(
                 // reload after a broken document, or a bug), so reconnect.
                 Next::Gone => return Close::Reloading("document unloaded").into(),
             },
-            beat = heartbeat.changed() => {
-                let Ok(()) = beat else { continue };
-                let beat = *heartbeat.borrow_and_update();
-                if let Some(frame) = session.keepalive() {
-                    queued.send(frame);
-                }
-                // A ping every other beat: every ping interval.
-                if beat.is_multiple_of(2) {
-                    if last_heard.elapsed() >= limits.pong_timeout {
-                        return Close::NoPong.into();
-                    }
-                    if let Err(end) = Box::pin(ping(ws, limits)).await {
-                        return end;
-                    }
-                }
-            }
             msg = ws.next() => {
                 let msg = match msg {
                     None => return End::PeerGone("peer closed"),
