@@ -260,6 +260,45 @@ fn ended(started: Instant, end: &End, (doc, user): (String, String)) {
     );
 }
 
+/// What one turn of the loop must await, after the select that found it.
+///
+/// The loop's task is every idle socket's largest cost, and its size is that
+/// of its largest state. Awaiting these inside the select's arms made the
+/// values they hold (a message, the select's output) keep places of their own
+/// beside the select's futures; run from one boxed future instead, the idle
+/// state is the select and little else.
+enum Step {
+    Ping,
+    Expire,
+    Left(ConnId, Leave),
+    Flush,
+    Frame(Bytes),
+    /// The peer's close frame: tungstenite queued the reply.
+    PeerClosed,
+}
+
+impl Step {
+    async fn run<S: Session>(
+        self,
+        ws: &mut WsStream,
+        session: &mut S,
+        queued: &Queued,
+        ctx: &Context,
+    ) -> Result<(), End> {
+        match self {
+            Step::Ping => ping(ws, &ctx.limits).await,
+            Step::Expire => Ok(session.expire().await?),
+            Step::Left(conn, why) => Ok(session.left(conn, why).await?),
+            Step::Flush => flush(queued, ctx).await,
+            Step::Frame(data) => Ok(session.frame(data).await?),
+            Step::PeerClosed => {
+                let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
+                Err(End::PeerGone("peer closed"))
+            }
+        }
+    }
+}
+
 async fn serve<S: Session>(
     ws: &mut WsStream,
     session: &mut S,
@@ -284,7 +323,7 @@ async fn serve<S: Session>(
             (Some(at), Some(t)) => t.as_mut().reset(at),
             (Some(at), t) => *t = Some(Box::pin(tokio::time::sleep_until(at))),
         }
-        tokio::select! {
+        let step = tokio::select! {
             biased;
             // First, so shutdown is heard even by a socket always busy.
             beat = heartbeat.changed() => {
@@ -294,32 +333,21 @@ async fn serve<S: Session>(
                     queued.send(frame);
                 }
                 // A ping every other beat: every ping interval.
-                if beat.is_multiple_of(2) {
-                    if last_heard.elapsed() >= limits.pong_timeout {
-                        return Close::NoPong.into();
-                    }
-                    if let Err(end) = Box::pin(ping(ws, limits)).await {
-                        return end;
-                    }
+                if !beat.is_multiple_of(2) {
+                    None
+                } else if last_heard.elapsed() >= limits.pong_timeout {
+                    return Close::NoPong.into();
+                } else {
+                    Some(Step::Ping)
                 }
             }
             _ = expired(&mut timer) => {
                 timer = None;
-                if let Err(close) = Box::pin(session.expire()).await {
-                    return close.into();
-                }
+                Some(Step::Expire)
             }
             next = queued.next() => match next {
-                Next::Leave(conn, why) => {
-                    if let Err(close) = Box::pin(session.left(conn, why)).await {
-                        return close.into();
-                    }
-                }
-                Next::Write => {
-                    if let Err(end) = Box::pin(flush(queued, ctx)).await {
-                        return end;
-                    }
-                }
+                Next::Leave(conn, why) => Some(Step::Left(conn, why)),
+                Next::Write => Some(Step::Flush),
                 // Every handle is gone without a word: the room is gone (a
                 // reload after a broken document, or a bug), so reconnect.
                 Next::Gone => return Close::Reloading("document unloaded").into(),
@@ -337,22 +365,19 @@ async fn serve<S: Session>(
                 match msg {
                     Message::Binary(data) => {
                         m::received(S::kind(&data), data.len());
-                        // Boxed: its future is large and only alive while a
-                        // message is handed over.
-                        if let Err(close) = Box::pin(session.frame(data)).await {
-                            return close.into();
-                        }
+                        Some(Step::Frame(data))
                     }
                     Message::Text(_) => {
                         return Close::Protocol("text frames are not part of the protocol".into()).into();
                     }
-                    Message::Close(_) => {
-                        // tungstenite queued the reply; send it before going.
-                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
-                        return End::PeerGone("peer closed");
-                    }
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    Message::Close(_) => Some(Step::PeerClosed),
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
                 }
+            }
+        };
+        if let Some(step) = step {
+            if let Err(end) = Box::pin(step.run(ws, session, queued, ctx)).await {
+                return end;
             }
         }
     }
