@@ -41,10 +41,13 @@ const BATCH: usize = 64;
 
 struct Member {
     peer: Peer,
-    /// Awareness client ids this peer announced; removed when it leaves.
-    awareness_ids: HashSet<ClientID>,
-    /// Sync status frames (stored, refused) when the peer's protocol has them.
-    acks: Option<(Bytes, Bytes)>,
+    /// Awareness client ids this peer announced; removed when it leaves. A
+    /// provider announces one, so a list: a set's table and hasher would be
+    /// carried by every idle member.
+    awareness_ids: Vec<ClientID>,
+    /// Sync status frames (stored, refused) when the peer's protocol has them;
+    /// boxed, as the y-websocket protocol has none.
+    acks: Option<Box<(Bytes, Bytes)>>,
 }
 
 /// The last diff computed for a step 1, with its frames: a join storm asks
@@ -84,7 +87,7 @@ pub(super) fn spawn(
     rx: mpsc::Receiver<Command>,
     check: bool,
 ) {
-    let room = Room {
+    let room = Box::new(Room {
         rooms,
         doc_name: doc,
         generation,
@@ -97,7 +100,7 @@ pub(super) fn spawn(
         diff_cache: None,
         awareness_changed: HashSet::new(),
         direct: true,
-    };
+    });
     let (rooms, doc) = (room.rooms.clone(), room.doc_name.clone());
     tokio::spawn(async move {
         if AssertUnwindSafe(room.run(rx)).catch_unwind().await.is_err() {
@@ -132,7 +135,9 @@ pub(super) async fn read_stored(
 }
 
 impl Room {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    /// Boxed: an async fn that takes a value keeps room for it twice, and the
+    /// room's task holds this future for as long as the document is loaded.
+    async fn run(mut self: Box<Self>, mut rx: mpsc::Receiver<Command>) {
         let ctx = self.rooms.context();
         // Subscribe first: whatever is published from here on is delivered, and
         // everything published before is already in the store we load next.
@@ -284,10 +289,11 @@ impl Room {
         let acks = peer
             .framer
             .frame(Outbound::SyncStatus(true))
-            .zip(peer.framer.frame(Outbound::SyncStatus(false)));
+            .zip(peer.framer.frame(Outbound::SyncStatus(false)))
+            .map(Box::new);
         let member = Member {
             peer,
-            awareness_ids: HashSet::new(),
+            awareness_ids: Vec::new(),
             acks,
         };
         let mut ok = send(&member.peer, conn, Outbound::SyncStep1(&sv));
@@ -343,7 +349,7 @@ impl Room {
                     // Read access: nothing of it is applied, stored or sent on.
                     // A peer that tracks sync status hears whether it had
                     // anything to say.
-                    let status = member.acks.as_ref().map(|(stored, refused)| {
+                    let status = member.acks.as_deref().map(|(stored, refused)| {
                         if update.is_empty() { stored } else { refused }.clone()
                     });
                     if let Some(frame) = status {
@@ -353,7 +359,7 @@ impl Room {
                     }
                     return;
                 }
-                let ack = member.acks.as_ref().map(|(stored, _)| {
+                let ack = member.acks.as_deref().map(|(stored, _)| {
                     let (outbox, frame) = (member.peer.outbox.clone(), stored.clone());
                     Box::new(move || {
                         // The frame goes straight to the socket: a peer too
@@ -379,9 +385,9 @@ impl Room {
                 }
                 for (id, entry) in &update.clients {
                     if &*entry.json == "null" {
-                        member.awareness_ids.remove(id);
-                    } else {
-                        member.awareness_ids.insert(*id);
+                        member.awareness_ids.retain(|owned| owned != id);
+                    } else if !member.awareness_ids.contains(id) {
+                        member.awareness_ids.push(*id);
                     }
                     self.awareness_changed.insert(*id);
                 }
@@ -469,7 +475,12 @@ impl Room {
     /// update broke the document: the room is then reloaded, with a check.
     fn encode_diff(&mut self, since: &StateVector) -> Result<Bytes, RoomError> {
         match guard::encode_diff(self.awareness.doc(), since) {
-            Ok(update) => Ok(update.into()),
+            // The encoder reserves ahead; the diff may be cached for as long
+            // as the document is unchanged, so it keeps only what it holds.
+            Ok(mut update) => {
+                update.shrink_to_fit();
+                Ok(update.into())
+            }
             Err(error) => {
                 tracing::error!(doc = %self.doc_name, %error, "document cannot be encoded; reloading it");
                 self.poisoned = true;
@@ -656,10 +667,7 @@ fn pushed(peer: &Peer, conn: ConnId, queued: Result<(), Overflow>) -> bool {
 
 /// Whether a peer's awareness update stays within the limits, judged before
 /// any of it is applied.
-fn check_awareness(
-    owned: &HashSet<ClientID>,
-    update: &AwarenessUpdate,
-) -> Result<(), &'static str> {
+fn check_awareness(owned: &[ClientID], update: &AwarenessUpdate) -> Result<(), &'static str> {
     if update
         .clients
         .values()
