@@ -260,9 +260,10 @@ impl Room {
             Command::Inbound { conn, msg } => self.inbound(conn, *msg),
             Command::Read { since, reply } => {
                 let exists = !self.awareness.doc().transact().state_vector().is_empty();
-                let result = self
-                    .encode_diff(&since)
-                    .map(|update| Snapshot { update, exists });
+                let result = self.encode_diff(&since).map(|update| Snapshot {
+                    update: update.into(),
+                    exists,
+                });
                 let _ = reply.send(result);
             }
             Command::Write(write) => {
@@ -417,11 +418,14 @@ impl Room {
             .as_ref()
             .is_some_and(|c| c.version == self.version && &c.since == sv);
         if !hit {
-            let update = self.encode_diff(sv).ok()?;
+            let mut update = self.encode_diff(sv).ok()?;
+            // The encoder reserves ahead, and the cache keeps the diff for as
+            // long as the document is unchanged: it keeps only what it holds.
+            update.shrink_to_fit();
             self.diff_cache = Some(DiffCache {
                 version: self.version,
                 since: sv.clone(),
-                update,
+                update: update.into(),
                 frames: Vec::new(),
             });
         }
@@ -473,20 +477,12 @@ impl Room {
 
     /// The document's state since `since`. A failure to encode means an
     /// update broke the document: the room is then reloaded, with a check.
-    fn encode_diff(&mut self, since: &StateVector) -> Result<Bytes, RoomError> {
-        match guard::encode_diff(self.awareness.doc(), since) {
-            // The encoder reserves ahead; the diff may be cached for as long
-            // as the document is unchanged, so it keeps only what it holds.
-            Ok(mut update) => {
-                update.shrink_to_fit();
-                Ok(update.into())
-            }
-            Err(error) => {
-                tracing::error!(doc = %self.doc_name, %error, "document cannot be encoded; reloading it");
-                self.poisoned = true;
-                Err(RoomError::Unavailable("document reloading".into()))
-            }
-        }
+    fn encode_diff(&mut self, since: &StateVector) -> Result<Vec<u8>, RoomError> {
+        guard::encode_diff(self.awareness.doc(), since).map_err(|error| {
+            tracing::error!(doc = %self.doc_name, %error, "document cannot be encoded; reloading it");
+            self.poisoned = true;
+            RoomError::Unavailable("document reloading".into())
+        })
     }
 
     fn apply(&mut self, update: Update) -> Result<(), RoomError> {
