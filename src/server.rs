@@ -126,7 +126,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let connections = TaskTracker::new();
     let transport = Arc::new(transport::Context {
         limits: limits.clone(),
-        heartbeat: transport::heartbeat(limits.ping_interval, shutdown.clone()),
+        heartbeat: transport::Heartbeat::start(limits.ping_interval, shutdown.clone()),
         bulk: Arc::new(tokio::sync::Semaphore::new(transport::BULK_PERMITS)),
     });
     let history = Arc::new(History::new(

@@ -163,3 +163,29 @@ async fn a_flood_closes_with_1008() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_v4_provider_hears_a_keepalive_on_every_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).arg("--ping-interval=200ms").start();
+    let doc = unique("hp-keepalive");
+    let mut ws = open(&server).await;
+    // `auth` announces a v4 provider, which answers pings.
+    ws.send(WsMessage::Binary(auth(&doc, "").into()))
+        .await
+        .unwrap();
+    // A beat every 100 ms: three keepalives well within the wait.
+    let mut keepalives = 0;
+    tokio::time::timeout(WAIT, async {
+        while keepalives < 3 {
+            match ws.next().await {
+                Some(Ok(WsMessage::Binary(data))) if data[..] == [9] => keepalives += 1,
+                Some(Ok(WsMessage::Close(f))) => panic!("closed: {f:?}"),
+                None | Some(Err(_)) => panic!("socket ended"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("three keepalives within the wait");
+}

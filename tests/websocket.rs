@@ -294,3 +294,36 @@ async fn a_reader_that_pauses_gets_every_update_in_order() {
     .expect("every update arrives");
     assert_eq!(reader.text("t"), expected);
 }
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_dropped_with_1001() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir)
+        .args(["--ping-interval", "200ms", "--pong-timeout", "1s"])
+        .start();
+    let doc = unique("pings");
+    let mut answering = Client::connect(&server.ws_url(&doc)).await;
+    let mut silent = Client::connect(&server.ws_url(&doc)).await;
+    // Reading answers the server's pings (tungstenite sends the pongs).
+    assert!(
+        answering.stays_open(Duration::from_secs(3)).await,
+        "a peer answering pings was dropped"
+    );
+    // The silent peer's bytes are read raw, so nothing answers for it (a
+    // late pong would meet a closed socket, and its reset could discard the
+    // close frame before it is read).
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = silent.ws.get_mut() else {
+        unreachable!("plain TCP")
+    };
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(tcp, &mut raw))
+        .await
+        .expect("the server ends the socket")
+        .expect("read");
+    // An unmasked close frame: 1001, "no pong".
+    let close = [&[0x88, 9, 0x03, 0xe9][..], b"no pong"].concat();
+    assert!(
+        raw.windows(close.len()).any(|w| w == close),
+        "no 1001 close frame in {raw:?}"
+    );
+}

@@ -11,10 +11,12 @@
 //! writes only its own control frames, through the outbox's queue.
 
 mod close;
+mod heartbeat;
 mod outbox;
 mod upgrade;
 
 pub use close::Close;
+pub use heartbeat::Heartbeat;
 pub use outbox::{Next, Outbox, Overflow, Queued};
 pub use upgrade::Upgrade;
 
@@ -26,14 +28,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::OptionFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
+use governor::clock::MonotonicClock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
 use crate::metrics::{self as m, MessageKind};
@@ -83,10 +86,8 @@ pub trait Session: Send {
 /// What every socket shares.
 pub struct Context {
     pub limits: Arc<Limits>,
-    /// Ticks at half the ping interval: one timer for every socket. Closed
-    /// when the server starts shutting down: the sockets hear both through
-    /// one wait, which every idle socket carries.
-    pub heartbeat: watch::Receiver<u64>,
+    /// Pings, keepalives and shutdown, for every socket from one timer.
+    pub heartbeat: Arc<Heartbeat>,
     /// Turns to write a large batch (a whole document, as after a join).
     pub bulk: Arc<tokio::sync::Semaphore>,
 }
@@ -117,23 +118,6 @@ impl Context {
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit))
     }
-}
-
-/// Starts the heartbeat every socket listens to; it stops, closing the
-/// channel, with `shutdown`.
-pub fn heartbeat(ping_interval: Duration, shutdown: CancellationToken) -> watch::Receiver<u64> {
-    let (tx, rx) = watch::channel(0u64);
-    let half = (ping_interval / 2).max(Duration::from_millis(10));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(Instant::now() + half, half);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => tx.send_modify(|n| *n += 1),
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
-    rx
 }
 
 /// How the loop ended.
@@ -215,6 +199,7 @@ where
 
 impl<S: Session> Live<S> {
     async fn run(mut self: Box<Self>) {
+        self.ctx.heartbeat.join(&self.queued);
         let end = serve(&mut self.ws, &mut self.session, &mut self.queued, &self.ctx).await;
         // Boxed, as everything that runs once: only the loop's state should
         // size the task every idle socket carries.
@@ -229,6 +214,7 @@ impl<S: Session> Live<S> {
             ctx,
             started,
         } = *self;
+        ctx.heartbeat.leave(&queued);
         if let End::Close { close, unreadable } = &end {
             let late = close.accepts_late_frames().then_some(&mut session);
             close_handshake(&mut ws, &queued, close, late, *unreadable, &ctx).await;
@@ -306,11 +292,7 @@ async fn serve<S: Session>(
     ctx: &Context,
 ) -> End {
     let limits = &ctx.limits;
-    let quota =
-        Quota::per_second(NonZeroU32::new(limits.rate_limit_per_second.max(1)).expect("nonzero"))
-            .allow_burst(NonZeroU32::new(limits.rate_limit_burst.max(1)).expect("nonzero"));
-    let limiter = RateLimiter::direct(quota);
-    let mut heartbeat = ctx.heartbeat.clone();
+    let limiter = rate_limiter(limits);
     let mut last_heard = Instant::now();
     // Allocated only while the session has a deadline: an idle socket would
     // otherwise carry a timer it never uses.
@@ -325,27 +307,26 @@ async fn serve<S: Session>(
         }
         let step = tokio::select! {
             biased;
-            // First, so shutdown is heard even by a socket always busy.
-            beat = heartbeat.changed() => {
-                let Ok(()) = beat else { return Close::ShuttingDown.into() };
-                let beat = *heartbeat.borrow_and_update();
-                if let Some(frame) = session.keepalive() {
-                    queued.send(frame);
-                }
-                // A ping every other beat: every ping interval.
-                if !beat.is_multiple_of(2) {
-                    None
-                } else if last_heard.elapsed() >= limits.pong_timeout {
-                    return Close::NoPong.into();
-                } else {
-                    Some(Step::Ping)
-                }
-            }
             _ = expired(&mut timer) => {
                 timer = None;
                 Some(Step::Expire)
             }
-            next = queued.next() => match next {
+            // Before the reads, so shutdown is heard even by a socket always
+            // busy.
+            next = queued.wait() => match next {
+                Next::ShuttingDown => return Close::ShuttingDown.into(),
+                Next::Beat { ping } => {
+                    if let Some(frame) = session.keepalive() {
+                        queued.send(frame);
+                    }
+                    if !ping {
+                        None
+                    } else if last_heard.elapsed() >= limits.pong_timeout {
+                        return Close::NoPong.into();
+                    } else {
+                        Some(Step::Ping)
+                    }
+                }
                 Next::Leave(conn, why) => Some(Step::Left(conn, why)),
                 Next::Write => Some(Step::Flush),
                 // Every handle is gone without a word: the room is gone (a
@@ -405,6 +386,18 @@ async fn flush(queued: &Queued, ctx: &Context) -> Result<(), End> {
             Err(_) => return Err(End::PeerGone("write timed out")),
         }
     }
+}
+
+/// A socket's message rate limit, on the standard library's clock: the
+/// default (quanta) clock keeps its calibration inline, 32 bytes more of
+/// every idle socket's task.
+fn rate_limiter(
+    limits: &Limits,
+) -> RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>> {
+    let quota =
+        Quota::per_second(NonZeroU32::new(limits.rate_limit_per_second.max(1)).expect("nonzero"))
+            .allow_burst(NonZeroU32::new(limits.rate_limit_burst.max(1)).expect("nonzero"));
+    RateLimiter::direct_with_clock(quota, MonotonicClock)
 }
 
 async fn ping(ws: &mut WsStream, limits: &Limits) -> Result<(), End> {

@@ -23,13 +23,12 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 use crate::metrics::{self as m, MessageKind};
 use crate::room::{ConnId, Leave};
@@ -54,7 +53,6 @@ struct Shared {
     state: Mutex<State>,
     /// The connection; `None` only in tests, where frames stay queued.
     io: Option<Mutex<Io>>,
-    ready: Notify,
     max_frames: usize,
     max_bytes: usize,
     /// What a frame is, for the message counters.
@@ -74,6 +72,29 @@ struct State {
     senders: usize,
     /// Whether rooms' frames are still taken (not once the socket closes).
     receiving: bool,
+    /// A heartbeat came and is not yet served: `Some(true)` when it asks
+    /// for a ping.
+    beat: Option<bool>,
+    /// The server is shutting down: the socket closes.
+    shutting_down: bool,
+    /// Where the heartbeat keeps this socket (see `transport::Heartbeat`).
+    slot: u32,
+    /// The socket's task, waiting in [`Queued::wait`]. A waker kept under
+    /// the queue's own lock rather than a `Notify`: the wait then holds no
+    /// waiter of its own, and its future is a few bytes of every idle
+    /// socket's task instead of about 80.
+    waker: Option<Waker>,
+}
+
+impl State {
+    /// Wakes the socket's task, once the lock is released.
+    fn wake(mut this: MutexGuard<'_, State>) {
+        let waker = this.waker.take();
+        drop(this);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 /// One frame on its way: the WebSocket header made here, the payload shared
@@ -235,10 +256,9 @@ impl Outbox {
         state.frames += 1;
         state.bytes += chunk_len(&chunk);
         state.pending.push_back(chunk);
-        drop(state);
         // Something queued ahead means the socket's task is already on it.
         if first {
-            shared.ready.notify_one();
+            State::wake(state);
         }
         Ok(())
     }
@@ -249,8 +269,7 @@ impl Outbox {
         let mut state = self.shared.lock();
         if state.receiving {
             state.leaves.push((conn, why));
-            drop(state);
-            self.shared.ready.notify_one();
+            State::wake(state);
         }
     }
 }
@@ -270,9 +289,12 @@ impl Shared {
                 leaves: Vec::new(),
                 senders: 1,
                 receiving: true,
+                beat: None,
+                shutting_down: false,
+                slot: u32::MAX,
+                waker: None,
             }),
             io: io.map(Mutex::new),
-            ready: Notify::new(),
             max_frames: max_frames.max(1),
             max_bytes,
             kind,
@@ -393,8 +415,7 @@ impl Drop for Outbox {
         let mut state = self.shared.lock();
         state.senders -= 1;
         if state.senders == 0 {
-            drop(state);
-            self.shared.ready.notify_one();
+            State::wake(state);
         }
     }
 }
@@ -407,6 +428,10 @@ pub struct Queued {
 /// What the socket's task has to do next.
 #[derive(Debug)]
 pub enum Next {
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A heartbeat: send the protocol's keepalive, and a ping when `ping`.
+    Beat { ping: bool },
     /// A room dropped this membership.
     Leave(ConnId, Leave),
     /// Bytes wait for the socket to take them: [`Queued::flush`].
@@ -416,25 +441,50 @@ pub enum Next {
 }
 
 impl Queued {
-    /// Leave requests first, then whether anything waits to be written.
-    /// Cancel-safe: a leave is taken only in the poll that returns it.
-    pub async fn next(&mut self) -> Next {
-        loop {
-            {
-                let mut state = self.shared.lock();
-                if let Some((conn, why)) = state.leaves.pop() {
-                    return Next::Leave(conn, why);
+    /// Shutdown first, so even a socket that is always busy hears it; then
+    /// leave requests, heartbeats, and whether anything waits to be written.
+    /// Cancel-safe: a leave or a beat is taken only in the poll that returns
+    /// it.
+    pub fn wait(&mut self) -> impl Future<Output = Next> + '_ {
+        std::future::poll_fn(|cx| {
+            let mut state = self.shared.lock();
+            Poll::Ready(if state.shutting_down {
+                Next::ShuttingDown
+            } else if let Some((conn, why)) = state.leaves.pop() {
+                Next::Leave(conn, why)
+            } else if let Some(ping) = state.beat.take() {
+                Next::Beat { ping }
+            } else if !state.pending.is_empty() {
+                Next::Write
+            } else if state.senders == 0 {
+                Next::Gone
+            } else {
+                // Kept under the lock the check held: whatever changes the
+                // queue after it finds the waker.
+                if !state
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    state.waker = Some(cx.waker().clone());
                 }
-                if !state.pending.is_empty() {
-                    return Next::Write;
-                }
-                if state.senders == 0 {
-                    return Next::Gone;
-                }
-            }
-            // A push between the check and this wait leaves a permit behind.
-            self.shared.ready.notified().await;
-        }
+                return Poll::Pending;
+            })
+        })
+    }
+
+    /// What the heartbeat keeps to reach this socket.
+    pub(super) fn listener(&self) -> Listener {
+        Listener(Arc::downgrade(&self.shared))
+    }
+
+    /// Where the heartbeat kept this socket, if it did; it no longer does.
+    pub(super) fn take_slot(&self) -> u32 {
+        std::mem::replace(&mut self.shared.lock().slot, u32::MAX)
+    }
+
+    pub(super) fn set_slot(&self, slot: u32) {
+        self.shared.lock().slot = slot;
     }
 
     /// Bytes waiting to be written.
@@ -453,8 +503,9 @@ impl Queued {
         m::sent((self.shared.kind)(&frame));
         let mut chunk = Chunk::binary(frame);
         chunk.counted = false;
-        self.shared.lock().pending.push_back(chunk);
-        self.shared.ready.notify_one();
+        let mut state = self.shared.lock();
+        state.pending.push_back(chunk);
+        State::wake(state);
     }
 
     /// The socket is closing: rooms' frames are refused from now on, and
@@ -493,6 +544,34 @@ impl Drop for Queued {
         state.pending = VecDeque::new();
         state.frames = 0;
         state.bytes = 0;
+    }
+}
+
+/// How the heartbeat reaches a socket without keeping it alive: a socket
+/// waits for its beats in the same wait as for its rooms' frames, so an idle
+/// socket carries one wait, not two.
+pub(super) struct Listener(Weak<Shared>);
+
+impl Listener {
+    /// Tells the socket a heartbeat came (a ping one when `ping`); `false`
+    /// once the socket is gone.
+    pub(super) fn beat(&self, ping: bool) -> bool {
+        self.tell(|state| state.beat = Some(ping || state.beat == Some(true)))
+    }
+
+    /// Tells the socket the server is shutting down.
+    pub(super) fn shut_down(&self) -> bool {
+        self.tell(|state| state.shutting_down = true)
+    }
+
+    fn tell(&self, what: impl FnOnce(&mut State)) -> bool {
+        let Some(shared) = self.0.upgrade() else {
+            return false;
+        };
+        let mut state = shared.lock();
+        what(&mut state);
+        State::wake(state);
+        true
     }
 }
 
@@ -559,10 +638,10 @@ mod tests {
         outbox.push(Bytes::from_static(b"ab")).unwrap();
         outbox.leave(7, Leave::SlowConsumer);
         assert!(matches!(
-            queued.next().await,
+            queued.wait().await,
             Next::Leave(7, Leave::SlowConsumer)
         ));
-        assert!(matches!(queued.next().await, Next::Write));
+        assert!(matches!(queued.wait().await, Next::Write));
         assert_eq!(queued.take_frames().len(), 2);
         // A frame larger than the budget fits an empty queue, alone.
         outbox.push(Bytes::from(vec![0; 100])).unwrap();
@@ -575,7 +654,33 @@ mod tests {
         assert_eq!(outbox.push(Bytes::new()), Err(Overflow::Full));
         assert_eq!(queued.take_frames().len(), 3);
         drop(outbox);
-        assert!(matches!(queued.next().await, Next::Gone));
+        assert!(matches!(queued.wait().await, Next::Gone));
+    }
+
+    #[tokio::test]
+    async fn heartbeats_merge_wake_the_socket_and_stop_when_it_is_gone() {
+        let (outbox, mut queued) = Outbox::new(3, 10);
+        let listener = queued.listener();
+        // Two beats before the socket looks are one, asking for a ping.
+        assert!(listener.beat(true));
+        assert!(listener.beat(false));
+        assert!(matches!(queued.wait().await, Next::Beat { ping: true }));
+        // A beat wakes a socket already waiting (the test's runtime has one
+        // thread: the task waits once this one yields).
+        let waiting = tokio::spawn(async move { (queued.wait().await, queued) });
+        tokio::task::yield_now().await;
+        assert!(listener.beat(false));
+        let (next, mut queued) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(matches!(next, Next::Beat { ping: false }));
+        // Shutdown comes before anything queued.
+        outbox.push(Bytes::from_static(b"x")).unwrap();
+        assert!(listener.shut_down());
+        assert!(matches!(queued.wait().await, Next::ShuttingDown));
+        drop((outbox, queued));
+        assert!(!listener.beat(true));
     }
 
     #[test]
