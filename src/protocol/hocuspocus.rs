@@ -17,7 +17,6 @@
 //! not when it is applied: a provider that reports no unsynced changes has
 //! nothing to lose if the server dies right then.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use tokio::time::Instant;
 use yrs::encoding::read::{Cursor, Read};
 use yrs::encoding::write::Write;
 
+use super::addresses::ByAddress;
 use super::ywebsocket::deadline;
 use super::{decode_awareness, decode_sync, kind_of, payload_len, write_shared, DecodeError};
 use crate::auth::{self, Grant, Verifier};
@@ -126,7 +126,7 @@ pub struct HSession {
     rooms: Rooms,
     verifier: Option<Arc<Verifier>>,
     outbox: Outbox,
-    docs: HashMap<Arc<str>, DocState>,
+    docs: ByAddress<DocState>,
     pending_bytes: usize,
     pending_messages: usize,
     /// Until a first document is admitted.
@@ -145,7 +145,7 @@ pub fn open(
         rooms,
         verifier,
         outbox,
-        docs: HashMap::new(),
+        docs: ByAddress::new(),
         pending_bytes: 0,
         pending_messages: 0,
         auth_deadline: Some(Instant::now() + auth_timeout),
@@ -447,7 +447,7 @@ impl Session for HSession {
     }
 
     async fn finish(self) {
-        for (_, state) in self.docs {
+        for state in self.docs.into_values() {
             if let DocState::Open(open) = state {
                 open.member.leave().await;
             }

@@ -5,6 +5,7 @@
 //! frame what the rooms send with their [`crate::room::Framer`]; parsing and
 //! encoding of the y-protocols payloads are `yrs::sync`'s.
 
+mod addresses;
 pub mod hocuspocus;
 pub mod ywebsocket;
 
