@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbox::{Listener, Queued};
 
+/// Slots visited under one hold of the registry's lock.
+const SLOTS_AT_A_TIME: usize = 1024;
+
 /// The sockets the heartbeat reaches.
 pub struct Heartbeat {
     registry: Mutex<Registry>,
@@ -82,12 +85,88 @@ impl Heartbeat {
     }
 
     /// Tells every socket; those already gone (a task aborted before it left)
-    /// are dropped.
+    /// are dropped. A few slots at a time: sockets open and close meanwhile,
+    /// and with a hundred thousand of them one pass under the lock would
+    /// hold their upgrades and ends for milliseconds.
     fn each(&self, tell: impl Fn(&Listener) -> bool) {
-        self.lock().sockets.retain(|_, socket| tell(socket));
+        let mut from = 0;
+        loop {
+            let mut registry = self.lock();
+            let to = registry.sockets.capacity().min(from + SLOTS_AT_A_TIME);
+            if from >= to {
+                return;
+            }
+            for slot in from..to {
+                if registry
+                    .sockets
+                    .get(slot)
+                    .is_some_and(|socket| !tell(socket))
+                {
+                    registry.sockets.remove(slot);
+                }
+            }
+            from = to;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().expect("heartbeat lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::outbox::{Next, Outbox};
+
+    /// The next thing a socket hears that is not a beat, within a bound.
+    async fn past_beats(queued: &mut Queued) -> Next {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match queued.wait().await {
+                    Next::Beat { .. } => {}
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("within the wait")
+    }
+
+    #[tokio::test]
+    async fn every_socket_hears_beats_and_shutdown_and_gone_ones_are_dropped() {
+        let shutdown = CancellationToken::new();
+        let heartbeat = Heartbeat::start(Duration::from_millis(20), shutdown.clone());
+        // More sockets than one hold of the lock visits.
+        let mut sockets: Vec<_> = (0..2 * SLOTS_AT_A_TIME + 5)
+            .map(|_| Outbox::new(1, 1))
+            .collect();
+        for (_, queued) in &sockets {
+            heartbeat.join(queued);
+        }
+        for (_, queued) in &mut sockets {
+            let next = tokio::time::timeout(Duration::from_secs(5), queued.wait()).await;
+            assert!(matches!(next, Ok(Next::Beat { .. })), "{next:?}");
+        }
+        // One leaves; one ends without leaving, and the next beats drop it.
+        let (_outbox, left) = sockets.pop().unwrap();
+        heartbeat.leave(&left);
+        drop(sockets.pop());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while heartbeat.lock().sockets.len() != sockets.len() {
+                sockets[0].1.wait().await;
+            }
+        })
+        .await
+        .expect("the gone socket dropped");
+
+        shutdown.cancel();
+        for (_, queued) in &mut sockets {
+            assert!(matches!(past_beats(queued).await, Next::ShuttingDown));
+        }
+        // A socket that opens during shutdown hears it at once.
+        let (_outbox, mut late) = Outbox::new(1, 1);
+        heartbeat.join(&late);
+        assert!(matches!(late.wait().await, Next::ShuttingDown));
     }
 }
