@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use axum::http::HeaderMap;
 use ipnet::IpNet;
@@ -15,13 +15,23 @@ use ipnet::IpNet;
 pub struct ClientAddrs {
     trusted: Arc<Vec<IpNet>>,
     max_per_addr: usize,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: Arc<Open>,
 }
 
-/// One open socket counted against an address; released on drop.
+/// The addresses holding sockets, each with what its slots share.
+type Open = Mutex<HashMap<IpAddr, Weak<Address>>>;
+
+/// One open socket counted against an address; released on drop. The
+/// sockets of one address share its count, so a slot is one pointer: it is
+/// held for a socket's whole life, in the task every idle socket carries.
 pub struct ConnectionSlot {
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    _address: Arc<Address>,
+}
+
+/// An address with open sockets; they are its slots, counted by the `Arc`.
+struct Address {
     addr: IpAddr,
+    open: Arc<Open>,
 }
 
 impl ClientAddrs {
@@ -59,26 +69,29 @@ impl ClientAddrs {
     /// Takes a slot for `addr`, or `None` when it already holds the maximum.
     pub fn acquire(&self, addr: IpAddr) -> Option<ConnectionSlot> {
         let mut open = self.open.lock().expect("addr lock");
-        let count = open.entry(addr).or_default();
-        if *count >= self.max_per_addr {
+        if let Some(address) = open.get(&addr).and_then(Weak::upgrade) {
+            // The open slots, less the handle just made.
+            return (Arc::strong_count(&address) - 1 < self.max_per_addr)
+                .then_some(ConnectionSlot { _address: address });
+        }
+        if self.max_per_addr == 0 {
             return None;
         }
-        *count += 1;
-        Some(ConnectionSlot {
-            open: self.open.clone(),
+        let address = Arc::new(Address {
             addr,
-        })
+            open: self.open.clone(),
+        });
+        open.insert(addr, Arc::downgrade(&address));
+        Some(ConnectionSlot { _address: address })
     }
 }
 
-impl Drop for ConnectionSlot {
+impl Drop for Address {
     fn drop(&mut self) {
         let mut open = self.open.lock().expect("addr lock");
-        if let Some(count) = open.get_mut(&self.addr) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.addr);
-            }
+        // Unless a new socket from the address replaced it meanwhile.
+        if open.get(&self.addr).is_some_and(|a| a.strong_count() == 0) {
+            open.remove(&self.addr);
         }
     }
 }
@@ -115,6 +128,15 @@ mod tests {
         let _b = addrs.acquire(ip).unwrap();
         assert!(addrs.acquire(ip).is_none());
         drop(a);
-        assert!(addrs.acquire(ip).is_some());
+        let c = addrs.acquire(ip).unwrap();
+        assert!(addrs.acquire(ip).is_none());
+        drop((c, _b));
+        assert!(
+            addrs.open.lock().unwrap().is_empty(),
+            "an address with no sockets is forgotten"
+        );
+        let _d = addrs.acquire(ip).unwrap();
+        assert_eq!(addrs.open.lock().unwrap().len(), 1);
+        assert!(ClientAddrs::new(vec![], 0).acquire(ip).is_none());
     }
 }
