@@ -327,3 +327,87 @@ async fn a_peer_that_never_answers_pings_is_dropped_with_1001() {
         "no 1001 close frame in {raw:?}"
     );
 }
+
+#[tokio::test]
+async fn a_message_in_fragments_with_a_ping_between_arrives_whole_and_the_ping_is_answered() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    use yrs::sync::{Message, SyncMessage};
+    use yrs::updates::encoder::Encode;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("fragments");
+    let mut writer = Client::connect(&server.ws_url(&doc)).await;
+    let mut reader = Client::connect(&server.ws_url(&doc)).await;
+    let update = writer.local_insert("t", 0, "in three pieces");
+    let bytes = Message::Sync(SyncMessage::Update(update)).encode_v1();
+    let (first, rest) = bytes.split_at(3);
+    let (second, third) = rest.split_at(4);
+    let fragment =
+        |data: &[u8], opcode, last| Ws::Frame(Frame::message(data.to_vec(), opcode, last));
+    for ws in [
+        fragment(first, OpCode::Data(Data::Binary), false),
+        Ws::Ping("are you there".into()),
+        fragment(second, OpCode::Data(Data::Continue), false),
+        fragment(third, OpCode::Data(Data::Continue), true),
+    ] {
+        writer.ws.send(ws).await.unwrap();
+    }
+    tokio::time::timeout(WAIT, async {
+        while reader.text("t") != "in three pieces" {
+            assert!(reader.pump_one().await, "the reader was closed");
+        }
+    })
+    .await
+    .expect("the reader gets the whole update");
+    let pong = tokio::time::timeout(WAIT, async {
+        loop {
+            match writer.ws.next().await {
+                Some(Ok(Ws::Pong(payload))) => return payload,
+                Some(Ok(_)) => {}
+                other => panic!("the socket ended first: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a pong");
+    assert_eq!(&pong[..], b"are you there");
+}
+
+#[tokio::test]
+async fn an_unmasked_frame_closes_with_1002() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::sqlite(&dir).start();
+    let doc = unique("unmasked");
+    let mut client = Client::connect(&server.ws_url(&doc)).await;
+    let mut other = Client::connect(&server.ws_url(&doc)).await;
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = client.ws.get_mut() else {
+        unreachable!("plain TCP")
+    };
+    // A client's frames must be masked (RFC 6455, 5.1).
+    tcp.write_all(&[0x82, 2, 0, 0]).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("the server ends the socket")
+        .expect("read");
+    let close = raw
+        .windows(4)
+        .position(|w| w[0] == 0x88 && w[2..] == [0x03, 0xea]);
+    assert!(close.is_some(), "no 1002 close frame in {raw:?}");
+    // Nobody else is affected.
+    other.insert("t", 0, "still here").await;
+    let mut late = Client::connect(&server.ws_url(&doc)).await;
+    tokio::time::timeout(WAIT, async {
+        while late.text("t") != "still here" {
+            assert!(late.pump_one().await);
+        }
+    })
+    .await
+    .expect("the document goes on");
+}

@@ -382,7 +382,7 @@ async fn joiners_with_one_state_vector_share_one_encoding_and_one_load() {
     w.committer.flush().await;
     let mut frames = Vec::new();
     for _ in 0..3 {
-        let mut peer = TestPeer::join(&w, "d", "k", false, true).await;
+        let peer = TestPeer::join(&w, "d", "k", false, true).await;
         peer.send(Inbound::SyncStep1(StateVector::default())).await;
         let frame = loop {
             match peer.queued.wait().await {

@@ -165,7 +165,7 @@ mod tests {
             assert!(matches!(past_beats(queued).await, Next::ShuttingDown));
         }
         // A socket that opens during shutdown hears it at once.
-        let (_outbox, mut late) = Outbox::new(1, 1);
+        let (_outbox, late) = Outbox::new(1, 1);
         heartbeat.join(&late);
         assert!(matches!(late.wait().await, Next::ShuttingDown));
     }

@@ -6,11 +6,11 @@
 //! Reads go to the session one message at a time, and the session waits when
 //! its room's queue is full: the socket is then not read, and TCP slows the
 //! writer down. Rooms write to the socket themselves while it keeps up (see
-//! [`Outbox`]); this loop writes only what the socket could not take at once.
-//! It never frames the rooms' messages: the WebSocket library reads, and
-//! writes only its own control frames, through the outbox's queue.
+//! [`Outbox`]); this loop writes only what the socket could not take at once,
+//! and its own control frames, through the same queue.
 
 mod close;
+mod frames;
 mod heartbeat;
 mod outbox;
 mod upgrade;
@@ -22,30 +22,27 @@ pub use upgrade::Upgrade;
 
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::OptionFuture;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::FutureExt;
 use governor::clock::MonotonicClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::AsyncReadExt;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
 use crate::metrics::{self as m, MessageKind};
 use crate::room::{ConnId, Leave};
 
-use outbox::{Conn, Io, BULK_BYTES};
-
-/// A socket after the upgrade, as the loop reads it.
-type WsStream = WebSocketStream<Conn>;
+use frames::{Incoming, ReadError, Reader};
+use outbox::{Io, BULK_BYTES};
 
 /// How long the close handshake waits for the peer's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -103,23 +100,6 @@ pub const BULK_PERMITS: usize = 2;
 /// peer that reads slowly while holding a turn delays others by this at most.
 const BULK_WAIT: Duration = Duration::from_secs(1);
 
-impl Context {
-    /// The WebSocket settings of every socket.
-    fn websocket_config(&self) -> WebSocketConfig {
-        let limit = self.limits.max_message_bytes;
-        // The read buffer lives as long as the socket, and idle sockets are
-        // most of them: tungstenite reserves a large frame's whole length once
-        // its header is in, so this only caps how many small frames one read
-        // takes in (a typical update or awareness frame fits). The library's writes go straight into
-        // the outbox's queue, so it keeps no write buffer of its own.
-        WebSocketConfig::default()
-            .read_buffer_size(128)
-            .write_buffer_size(0)
-            .max_message_size(Some(limit))
-            .max_frame_size(Some(limit))
-    }
-}
-
 /// How the loop ended.
 enum End {
     /// We close, with this code; `unreadable` when the peer's stream broke
@@ -159,12 +139,22 @@ where
 
 /// A socket whose session is open. Boxed: an async fn that takes a value
 /// keeps room for it twice (the argument and the body's binding).
+///
+/// What the loop keeps between turns lives here too, not in its future: the
+/// task every idle socket carries is sized in steps of 128 bytes, and this
+/// box by the byte.
 struct Live<S> {
-    ws: WsStream,
+    reader: Reader,
     session: S,
     queued: Queued,
     ctx: Arc<Context>,
     started: Instant,
+    limiter: Limiter,
+    /// When the peer last sent anything (a pong included).
+    last_heard: Instant,
+    /// Allocated only while the session has a deadline: an idle socket would
+    /// otherwise carry a timer it never uses.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// Opens the session; a refused socket is closed here, and `None` returned.
@@ -177,20 +167,22 @@ where
     let started = Instant::now();
     m::connections(1.0);
     let limits = &ctx.limits;
-    let (outbox, queued, conn) =
+    let (outbox, queued) =
         Outbox::with_io(io, limits.outbox_capacity, limits.outbox_bytes, S::kind);
-    let mut ws =
-        WebSocketStream::from_raw_socket(conn, Role::Server, Some(ctx.websocket_config())).await;
+    let mut reader = Reader::default();
     match open(outbox).await {
         Ok(session) => Some(Box::new(Live {
-            ws,
+            reader,
             session,
             queued,
+            limiter: rate_limiter(&ctx.limits),
             ctx,
             started,
+            last_heard: Instant::now(),
+            timer: None,
         })),
         Err(close) => {
-            close_handshake::<S>(&mut ws, &queued, &close, None, false, &ctx).await;
+            close_handshake::<S>(&mut reader, &queued, &close, None, false, &ctx).await;
             ended(started, &End::from(close), ("-".into(), "-".into()));
             None
         }
@@ -200,7 +192,7 @@ where
 impl<S: Session> Live<S> {
     async fn run(mut self: Box<Self>) {
         self.ctx.heartbeat.join(&self.queued);
-        let end = serve(&mut self.ws, &mut self.session, &mut self.queued, &self.ctx).await;
+        let end = self.serve().await;
         // Boxed, as everything that runs once: only the loop's state should
         // size the task every idle socket carries.
         Box::pin(self.finish(end)).await;
@@ -208,16 +200,17 @@ impl<S: Session> Live<S> {
 
     async fn finish(self: Box<Self>, end: End) {
         let Live {
-            mut ws,
+            mut reader,
             mut session,
             queued,
             ctx,
             started,
+            ..
         } = *self;
         ctx.heartbeat.leave(&queued);
         if let End::Close { close, unreadable } = &end {
             let late = close.accepts_late_frames().then_some(&mut session);
-            close_handshake(&mut ws, &queued, close, late, *unreadable, &ctx).await;
+            close_handshake(&mut reader, &queued, close, late, *unreadable, &ctx).await;
         }
         let described = session.describe();
         session.finish().await;
@@ -254,111 +247,107 @@ fn ended(started: Instant, end: &End, (doc, user): (String, String)) {
 /// beside the select's futures; run from one boxed future instead, the idle
 /// state is the select and little else.
 enum Step {
-    Ping,
     Expire,
     Left(ConnId, Leave),
     Flush,
     Frame(Bytes),
-    /// The peer's close frame: tungstenite queued the reply.
-    PeerClosed,
+    /// The peer's close frame, and what to echo in ours.
+    PeerClosed(Bytes),
 }
 
 impl Step {
     async fn run<S: Session>(
         self,
-        ws: &mut WsStream,
         session: &mut S,
         queued: &Queued,
         ctx: &Context,
     ) -> Result<(), End> {
         match self {
-            Step::Ping => ping(ws, &ctx.limits).await,
             Step::Expire => Ok(session.expire().await?),
             Step::Left(conn, why) => Ok(session.left(conn, why).await?),
             Step::Flush => flush(queued, ctx).await,
             Step::Frame(data) => Ok(session.frame(data).await?),
-            Step::PeerClosed => {
-                let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
+            Step::PeerClosed(reply) => {
+                queued.close();
+                queued.send_control(frames::CLOSE, reply);
+                let _ = tokio::time::timeout(CLOSE_WAIT, write_out(queued)).await;
                 Err(End::PeerGone("peer closed"))
             }
         }
     }
 }
 
-async fn serve<S: Session>(
-    ws: &mut WsStream,
-    session: &mut S,
-    queued: &mut Queued,
-    ctx: &Context,
-) -> End {
-    let limits = &ctx.limits;
-    let limiter = rate_limiter(limits);
-    let mut last_heard = Instant::now();
-    // Allocated only while the session has a deadline: an idle socket would
-    // otherwise carry a timer it never uses.
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-
-    loop {
-        match (session.deadline(), &mut timer) {
-            (None, t) => *t = None,
-            (Some(at), Some(t)) if t.deadline() == at => {}
-            (Some(at), Some(t)) => t.as_mut().reset(at),
-            (Some(at), t) => *t = Some(Box::pin(tokio::time::sleep_until(at))),
-        }
-        let step = tokio::select! {
-            biased;
-            _ = expired(&mut timer) => {
-                timer = None;
-                Some(Step::Expire)
+impl<S: Session> Live<S> {
+    async fn serve(&mut self) -> End {
+        let limits = &*self.ctx.limits;
+        loop {
+            match (self.session.deadline(), &mut self.timer) {
+                (None, t) => *t = None,
+                (Some(at), Some(t)) if t.deadline() == at => {}
+                (Some(at), Some(t)) => t.as_mut().reset(at),
+                (Some(at), t) => *t = Some(Box::pin(tokio::time::sleep_until(at))),
             }
-            // Before the reads, so shutdown is heard even by a socket always
-            // busy.
-            next = queued.wait() => match next {
-                Next::ShuttingDown => return Close::ShuttingDown.into(),
-                Next::Beat { ping } => {
-                    if let Some(frame) = session.keepalive() {
-                        queued.send(frame);
+            let step = tokio::select! {
+                biased;
+                _ = expired(&mut self.timer) => {
+                    self.timer = None;
+                    Some(Step::Expire)
+                }
+                // Before the reads, so shutdown is heard even by a socket always
+                // busy.
+                next = self.queued.wait() => match next {
+                    Next::ShuttingDown => return Close::ShuttingDown.into(),
+                    Next::Beat { ping } => {
+                        if let Some(frame) = self.session.keepalive() {
+                            self.queued.send(frame);
+                        }
+                        if !ping {
+                            None
+                        } else if self.last_heard.elapsed() >= limits.pong_timeout {
+                            return Close::NoPong.into();
+                        } else {
+                            self.queued.send_control(frames::PING, Bytes::new());
+                            None
+                        }
                     }
-                    if !ping {
-                        None
-                    } else if last_heard.elapsed() >= limits.pong_timeout {
-                        return Close::NoPong.into();
-                    } else {
-                        Some(Step::Ping)
+                    Next::Leave(conn, why) => Some(Step::Left(conn, why)),
+                    Next::Write => Some(Step::Flush),
+                    // Every handle is gone without a word: the room is gone (a
+                    // reload after a broken document, or a bug), so reconnect.
+                    Next::Gone => return Close::Reloading("document unloaded").into(),
+                },
+                msg = next(&mut self.reader, &self.queued, limits) => {
+                    let msg = match msg {
+                        None => return End::PeerGone("peer closed"),
+                        Some(Err(error)) => return read_error(error),
+                        Some(Ok(msg)) => msg,
+                    };
+                    self.last_heard = Instant::now();
+                    if self.limiter.check().is_err() {
+                        return Close::RateLimited.into();
+                    }
+                    match msg {
+                        Incoming::Binary(data) => {
+                            m::received(S::kind(&data), data.len());
+                            Some(Step::Frame(data))
+                        }
+                        Incoming::Text => {
+                            return Close::Protocol("text frames are not part of the protocol".into()).into();
+                        }
+                        Incoming::Close(reply) => Some(Step::PeerClosed(reply)),
+                        Incoming::Ping(payload) => {
+                            self.queued.send_control(frames::PONG, payload);
+                            None
+                        }
+                        Incoming::Pong => None,
                     }
                 }
-                Next::Leave(conn, why) => Some(Step::Left(conn, why)),
-                Next::Write => Some(Step::Flush),
-                // Every handle is gone without a word: the room is gone (a
-                // reload after a broken document, or a bug), so reconnect.
-                Next::Gone => return Close::Reloading("document unloaded").into(),
-            },
-            msg = ws.next() => {
-                let msg = match msg {
-                    None => return End::PeerGone("peer closed"),
-                    Some(Err(error)) => return read_error(error),
-                    Some(Ok(msg)) => msg,
-                };
-                last_heard = Instant::now();
-                if limiter.check().is_err() {
-                    return Close::RateLimited.into();
+            };
+            if let Some(step) = step {
+                let run = step.run(&mut self.session, &self.queued, &self.ctx);
+                if let Err(end) = Box::pin(run).await {
+                    return end;
                 }
-                match msg {
-                    Message::Binary(data) => {
-                        m::received(S::kind(&data), data.len());
-                        Some(Step::Frame(data))
-                    }
-                    Message::Text(_) => {
-                        return Close::Protocol("text frames are not part of the protocol".into()).into();
-                    }
-                    Message::Close(_) => Some(Step::PeerClosed),
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
-                }
-            }
-        };
-        if let Some(step) = step {
-            if let Err(end) = Box::pin(step.run(ws, session, queued, ctx)).await {
-                return end;
             }
         }
     }
@@ -388,44 +377,54 @@ async fn flush(queued: &Queued, ctx: &Context) -> Result<(), End> {
     }
 }
 
+type Limiter =
+    RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>>;
+
 /// A socket's message rate limit, on the standard library's clock: the
 /// default (quanta) clock keeps its calibration inline, 32 bytes more of
 /// every idle socket's task.
-fn rate_limiter(
-    limits: &Limits,
-) -> RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>> {
+fn rate_limiter(limits: &Limits) -> Limiter {
     let quota =
         Quota::per_second(NonZeroU32::new(limits.rate_limit_per_second.max(1)).expect("nonzero"))
             .allow_burst(NonZeroU32::new(limits.rate_limit_burst.max(1)).expect("nonzero"));
     RateLimiter::direct_with_clock(quota, MonotonicClock)
 }
 
-async fn ping(ws: &mut WsStream, limits: &Limits) -> Result<(), End> {
-    match tokio::time::timeout(limits.pong_timeout, ws.send(Message::Ping(Bytes::new()))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::PeerGone("write failed")),
-        Err(_) => Err(End::PeerGone("write timed out")),
-    }
+/// The peer's next message.
+fn next<'a>(
+    reader: &'a mut Reader,
+    queued: &'a Queued,
+    limits: &Limits,
+) -> impl Future<Output = Option<Result<Incoming, ReadError>>> + 'a {
+    let max = limits.max_message_bytes;
+    std::future::poll_fn(move |cx| reader.poll_next(cx, queued, max))
 }
 
-async fn expired(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match timer {
-        Some(timer) => timer.await,
-        None => std::future::pending().await,
-    }
+/// Writes everything queued.
+async fn write_out(queued: &Queued) -> std::io::Result<()> {
+    while !queued.progress().await? {}
+    Ok(())
 }
 
-fn read_error(error: WsError) -> End {
+/// Ready when the session's deadline passes; never without one.
+fn expired(timer: &mut Option<Pin<Box<Sleep>>>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(|cx| match timer {
+        Some(timer) => timer.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+}
+
+fn read_error(error: ReadError) -> End {
     match error {
-        WsError::Capacity(_) => End::Close {
+        ReadError::TooBig => End::Close {
             close: Close::TooBig,
             unreadable: true,
         },
-        WsError::Protocol(e) => End::Close {
+        ReadError::Protocol(e) => End::Close {
             close: Close::Protocol(format!("websocket protocol error: {e}")),
             unreadable: true,
         },
-        _ => End::PeerGone("read failed"),
+        ReadError::Io => End::PeerGone("read failed"),
     }
 }
 
@@ -437,49 +436,47 @@ fn read_error(error: WsError) -> End {
 /// bytes would make the kernel reset the connection, and the close frame
 /// would be lost with it.
 async fn close_handshake<S: Session>(
-    ws: &mut WsStream,
+    reader: &mut Reader,
     queued: &Queued,
     close: &Close,
     mut late: Option<&mut S>,
     unreadable: bool,
     ctx: &Context,
 ) {
-    let frame = CloseFrame {
-        code: close.code().into(),
-        reason: close.reason().into_owned().into(),
-    };
     let deadline = Instant::now() + CLOSE_WAIT;
     queued.close();
-    // A peer that is not reading would block this send for ever.
+    let payload = frames::close_payload(close.code(), &close.reason());
+    queued.send_control(frames::CLOSE, payload);
+    // A peer that is not reading would block this write for ever.
     if !matches!(
-        tokio::time::timeout_at(deadline, ws.send(Message::Close(Some(frame)))).await,
+        tokio::time::timeout_at(deadline, write_out(queued)).await,
         Ok(Ok(()))
     ) {
         return;
     }
+    let drain_bytes = 2 * ctx.limits.max_message_bytes + (1 << 20);
     if unreadable {
-        return drain(ws, 2 * ctx.limits.max_message_bytes + (1 << 20)).await;
+        return drain(queued, drain_bytes).await;
     }
     loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Binary(data)))) => {
+        match tokio::time::timeout_at(deadline, next(reader, queued, &ctx.limits)).await {
+            Ok(Some(Ok(Incoming::Binary(data)))) => {
                 if let Some(session) = late.as_deref_mut() {
                     let _ = session.frame(data).await;
                 }
             }
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => return,
+            Ok(Some(Ok(Incoming::Close(_)))) | Ok(None) | Err(_) => return,
+            // Nothing more is sent after our close frame, pongs included.
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_))) => {
-                return drain(ws, 2 * ctx.limits.max_message_bytes + (1 << 20)).await;
-            }
+            Ok(Some(Err(_))) => return drain(queued, drain_bytes).await,
         }
     }
 }
 
 /// Reads and drops what the peer still sends, until it closes its side or
 /// `max_bytes` or [`DRAIN_TIME`] run out, then closes ours.
-async fn drain(ws: &mut WsStream, max_bytes: usize) {
-    let io = ws.get_mut();
+async fn drain(queued: &Queued, max_bytes: usize) {
+    let mut io = queued;
     let deadline = Instant::now() + DRAIN_TIME;
     let mut buf = vec![0u8; 16 * 1024];
     let mut total = 0;
@@ -489,5 +486,5 @@ async fn drain(ws: &mut WsStream, max_bytes: usize) {
             _ => break,
         }
     }
-    let _ = tokio::time::timeout(CLOSE_WAIT, io.shutdown()).await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, queued.shutdown()).await;
 }

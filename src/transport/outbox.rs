@@ -8,8 +8,8 @@
 //! to many sockets, the usual case, costs the sockets' tasks nothing. What
 //! the socket does not take at once is queued, in order, with every frame
 //! after it, and the socket's task writes the queue as the socket drains.
-//! The WebSocket library's own frames (pongs, pings, the close) join the same
-//! queue through [`Conn`], so no two writers ever interleave on the wire.
+//! The socket's own frames (pongs, pings, the close) join the same queue, so
+//! no two writers ever interleave on the wire.
 //!
 //! The queue is bounded in frames and in bytes: frames are shared between
 //! recipients, but a slow reader sitting on many large ones would keep them
@@ -113,8 +113,13 @@ struct Chunk {
 impl Chunk {
     /// A final binary frame, unmasked as a server's frames are.
     fn binary(body: Bytes) -> Chunk {
+        Chunk::frame(0x2, body)
+    }
+
+    /// A final frame of `opcode`.
+    fn frame(opcode: u8, body: Bytes) -> Chunk {
         let mut head = [0u8; 10];
-        head[0] = 0x82;
+        head[0] = 0x80 | opcode;
         let len = body.len();
         let head_len = if len < 126 {
             head[1] = len as u8;
@@ -134,18 +139,6 @@ impl Chunk {
             head_len,
             body,
             counted: true,
-            begun: false,
-        }
-    }
-
-    /// Bytes the WebSocket library framed itself.
-    fn raw(bytes: &[u8]) -> Chunk {
-        Chunk {
-            head: [0; 10],
-            head_at: 0,
-            head_len: 0,
-            body: Bytes::copy_from_slice(bytes),
-            counted: false,
             begun: false,
         }
     }
@@ -183,22 +176,18 @@ impl Outbox {
     /// The queue of a connection: at most `max_frames` frames and `max_bytes`
     /// bytes wait (one frame always fits an empty queue: a large document's
     /// first step 2 can exceed the byte budget on its own). Returns the
-    /// rooms' end, the socket task's end, and the connection for the
-    /// WebSocket library.
+    /// rooms' end and the socket task's end.
     pub fn with_io(
         io: Io,
         max_frames: usize,
         max_bytes: usize,
         kind: fn(&[u8]) -> MessageKind,
-    ) -> (Outbox, Queued, Conn) {
+    ) -> (Outbox, Queued) {
         let shared = Shared::new(Some(io), max_frames, max_bytes, kind);
-        let conn = Conn {
-            shared: shared.clone(),
-        };
         let queued = Queued {
             shared: shared.clone(),
         };
-        (Outbox { shared }, queued, conn)
+        (Outbox { shared }, queued)
     }
 
     /// A queue without a connection: frames stay queued for the test to take.
@@ -445,7 +434,7 @@ impl Queued {
     /// leave requests, heartbeats, and whether anything waits to be written.
     /// Cancel-safe: a leave or a beat is taken only in the poll that returns
     /// it.
-    pub fn wait(&mut self) -> impl Future<Output = Next> + '_ {
+    pub fn wait(&self) -> impl Future<Output = Next> + '_ {
         std::future::poll_fn(|cx| {
             let mut state = self.shared.lock();
             Poll::Ready(if state.shutting_down {
@@ -492,6 +481,11 @@ impl Queued {
         queued_bytes(&self.shared.lock())
     }
 
+    /// Closes the connection's writing side.
+    pub async fn shutdown(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self.shared.io()).poll_shutdown(cx)).await
+    }
+
     /// Writes what the socket takes; `Ok(true)` once the queue is empty,
     /// `Ok(false)` after some progress, pending while the socket is full.
     pub async fn progress(&self) -> io::Result<bool> {
@@ -501,7 +495,15 @@ impl Queued {
     /// Queues a frame of the socket's own (a keepalive), outside the bounds.
     pub fn send(&self, frame: Bytes) {
         m::sent((self.shared.kind)(&frame));
-        let mut chunk = Chunk::binary(frame);
+        self.send_frame(Chunk::binary(frame));
+    }
+
+    /// Queues a control frame (`frames::PING`, `PONG` or `CLOSE`).
+    pub fn send_control(&self, opcode: u8, payload: Bytes) {
+        self.send_frame(Chunk::frame(opcode, payload));
+    }
+
+    fn send_frame(&self, mut chunk: Chunk) {
         chunk.counted = false;
         let mut state = self.shared.lock();
         state.pending.push_back(chunk);
@@ -575,13 +577,8 @@ impl Listener {
     }
 }
 
-/// The connection as the WebSocket library sees it: reads go straight to
-/// the socket; writes join the outbox's queue behind the rooms' frames.
-pub struct Conn {
-    shared: Arc<Shared>,
-}
-
-impl AsyncRead for Conn {
+/// Reads go straight to the connection: only the socket's task reads.
+impl AsyncRead for &Queued {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -591,47 +588,13 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut state = self.shared.lock();
-        let written = match state.pending.is_empty() {
-            true => match Pin::new(&mut *self.shared.io()).poll_write(cx, buf) {
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Pending => 0,
-            },
-            false => 0,
-        };
-        if written < buf.len() {
-            let mut rest = Chunk::raw(&buf[written..]);
-            rest.begun = written > 0;
-            state.pending.push_back(rest);
-        }
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.shared.lock();
-        write_queue(&mut self.shared.io(), &mut state, cx, &mut false)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.as_mut().poll_flush(cx))?;
-        Pin::new(&mut *self.shared.io()).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn frames_wait_behind_leaves_and_bounds_hold() {
-        let (outbox, mut queued) = Outbox::new(3, 10);
+        let (outbox, queued) = Outbox::new(3, 10);
         outbox.push(Bytes::from_static(b"12345678")).unwrap();
         // Over the byte budget once something is queued.
         assert_eq!(outbox.push(Bytes::from_static(b"abc")), Err(Overflow::Full));
@@ -659,7 +622,7 @@ mod tests {
 
     #[tokio::test]
     async fn heartbeats_merge_wake_the_socket_and_stop_when_it_is_gone() {
-        let (outbox, mut queued) = Outbox::new(3, 10);
+        let (outbox, queued) = Outbox::new(3, 10);
         let listener = queued.listener();
         // Two beats before the socket looks are one, asking for a ping.
         assert!(listener.beat(true));
@@ -670,7 +633,7 @@ mod tests {
         let waiting = tokio::spawn(async move { (queued.wait().await, queued) });
         tokio::task::yield_now().await;
         assert!(listener.beat(false));
-        let (next, mut queued) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        let (next, queued) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
             .await
             .expect("woken")
             .unwrap();
