@@ -13,6 +13,7 @@ mod close;
 mod frames;
 mod heartbeat;
 mod outbox;
+mod rate;
 mod upgrade;
 
 pub use close::Close;
@@ -21,7 +22,6 @@ pub use outbox::{Next, Outbox, Overflow, Queued};
 pub use upgrade::Upgrade;
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -30,10 +30,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::OptionFuture;
 use futures::FutureExt;
-use governor::clock::MonotonicClock;
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, Sleep};
 
@@ -43,6 +39,7 @@ use crate::room::{ConnId, Leave};
 
 use frames::{Incoming, ReadError, Reader};
 use outbox::{Io, BULK_BYTES};
+use rate::Rate;
 
 /// How long the close handshake waits for the peer's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -149,9 +146,10 @@ struct Live<S> {
     queued: Queued,
     ctx: Arc<Context>,
     started: Instant,
-    limiter: Limiter,
-    /// When the peer last sent anything (a pong included).
-    last_heard: Instant,
+    rate: Rate,
+    /// When the peer last sent anything (a pong included), in milliseconds
+    /// after `started`.
+    last_heard: u64,
     /// Allocated only while the session has a deadline: an idle socket would
     /// otherwise carry a timer it never uses.
     timer: Option<Pin<Box<Sleep>>>,
@@ -175,10 +173,10 @@ where
             reader,
             session,
             queued,
-            limiter: rate_limiter(&ctx.limits),
+            rate: Rate::default(),
             ctx,
             started,
-            last_heard: Instant::now(),
+            last_heard: 0,
             timer: None,
         })),
         Err(close) => {
@@ -278,6 +276,12 @@ impl Step {
 }
 
 impl<S: Session> Live<S> {
+    /// How long since the peer last sent anything.
+    fn silent_for(&self) -> Duration {
+        let heard = Duration::from_millis(self.last_heard);
+        self.started.elapsed().saturating_sub(heard)
+    }
+
     async fn serve(&mut self) -> End {
         let limits = &*self.ctx.limits;
         loop {
@@ -303,7 +307,7 @@ impl<S: Session> Live<S> {
                         }
                         if !ping {
                             None
-                        } else if self.last_heard.elapsed() >= limits.pong_timeout {
+                        } else if self.silent_for() >= limits.pong_timeout {
                             return Close::NoPong.into();
                         } else {
                             self.queued.send_control(frames::PING, Bytes::new());
@@ -322,8 +326,10 @@ impl<S: Session> Live<S> {
                         Some(Err(error)) => return read_error(error),
                         Some(Ok(msg)) => msg,
                     };
-                    self.last_heard = Instant::now();
-                    if self.limiter.check().is_err() {
+                    let elapsed = self.started.elapsed();
+                    self.last_heard = elapsed.as_millis() as u64;
+                    let (per_second, burst) = (limits.rate_limit_per_second, limits.rate_limit_burst);
+                    if !self.rate.check(elapsed, per_second, burst) {
                         return Close::RateLimited.into();
                     }
                     match msg {
@@ -375,19 +381,6 @@ async fn flush(queued: &Queued, ctx: &Context) -> Result<(), End> {
             Err(_) => return Err(End::PeerGone("write timed out")),
         }
     }
-}
-
-type Limiter =
-    RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>>;
-
-/// A socket's message rate limit, on the standard library's clock: the
-/// default (quanta) clock keeps its calibration inline, 32 bytes more of
-/// every idle socket's task.
-fn rate_limiter(limits: &Limits) -> Limiter {
-    let quota =
-        Quota::per_second(NonZeroU32::new(limits.rate_limit_per_second.max(1)).expect("nonzero"))
-            .allow_burst(NonZeroU32::new(limits.rate_limit_burst.max(1)).expect("nonzero"));
-    RateLimiter::direct_with_clock(quota, MonotonicClock)
 }
 
 /// The peer's next message.
