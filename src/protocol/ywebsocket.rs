@@ -52,7 +52,9 @@ fn framer() -> Arc<dyn Framer> {
 pub struct YSession {
     member: Member,
     doc: Arc<str>,
-    grant: Grant,
+    /// The token's `sub`, for the log.
+    user: Option<Arc<str>>,
+    can_write: bool,
     /// When the token expires: the socket is closed then.
     expires: Option<Instant>,
 }
@@ -95,8 +97,9 @@ pub async fn open(
     Ok(YSession {
         member,
         doc: doc.into(),
+        can_write: grant.can_write(),
         expires: grant.expires_at.map(deadline),
-        grant,
+        user: grant.user,
     })
 }
 
@@ -115,7 +118,7 @@ impl Session for YSession {
                 return Err(Close::Protocol(error.to_string()));
             }
         };
-        if matches!(msg, Inbound::Update { .. }) && !self.grant.can_write() {
+        if matches!(msg, Inbound::Update { .. }) && !self.can_write {
             // Read access: the update is dropped, the connection stays.
             return Ok(());
         }
@@ -144,7 +147,7 @@ impl Session for YSession {
     fn describe(&self) -> (String, String) {
         (
             self.doc.to_string(),
-            self.grant.user.as_deref().unwrap_or("-").to_string(),
+            self.user.as_deref().unwrap_or("-").to_string(),
         )
     }
 
