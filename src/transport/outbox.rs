@@ -51,9 +51,11 @@ pub struct Outbox {
 
 struct Shared {
     state: Mutex<State>,
-    /// The connection; `None` only in tests, where frames stay queued.
-    io: Option<Mutex<Io>>,
-    max_frames: usize,
+    /// The connection; `None` only in tests, where frames stay queued. The
+    /// `Option` is inside the lock, where it costs no byte: a lock hides the
+    /// connection's spare bit pattern from an `Option` around it.
+    io: Mutex<Option<Io>>,
+    max_frames: u32,
     max_bytes: usize,
     /// What a frame is, for the message counters.
     kind: fn(&[u8]) -> MessageKind,
@@ -64,12 +66,12 @@ struct State {
     /// written.
     pending: VecDeque<Chunk>,
     /// Rooms' frames in `pending`, and their bytes (the bounds).
-    frames: usize,
+    frames: u32,
     bytes: usize,
     /// Memberships the rooms dropped, with why; served before any write.
     leaves: Vec<(ConnId, Leave)>,
     /// Live [`Outbox`] handles; at zero no room holds the socket any more.
-    senders: usize,
+    senders: u32,
     /// Whether rooms' frames are still taken (not once the socket closes).
     receiving: bool,
     /// A heartbeat came and is not yet served: `Some(true)` when it asks
@@ -227,14 +229,13 @@ impl Outbox {
         let large = frame.len() >= BULK_BYTES;
         let mut chunk = Chunk::binary(frame);
         if first && write_now && !large {
-            if let Some(io) = &shared.io {
-                let mut io = io.lock().expect("io lock");
+            if let Some(io) = shared.io.lock().expect("io lock").as_mut() {
                 // Outside tokio's budget: a room writing to hundreds of
                 // sockets in one turn would otherwise find all but the first
                 // 128 "not ready". Nobody is registered to hear of the socket
                 // draining here: what is left wakes the socket's task below.
                 let write = tokio::task::unconstrained(std::future::poll_fn(|cx| {
-                    write_chunk(&mut io, &mut chunk, cx)
+                    write_chunk(io, &mut chunk, cx)
                 }));
                 let _ = pin!(write).poll(&mut Context::from_waker(Waker::noop()));
                 if chunk.done() {
@@ -283,8 +284,8 @@ impl Shared {
                 slot: u32::MAX,
                 waker: None,
             }),
-            io: io.map(Mutex::new),
-            max_frames: max_frames.max(1),
+            io: Mutex::new(io),
+            max_frames: max_frames.clamp(1, u32::MAX as usize) as u32,
             max_bytes,
             kind,
         })
@@ -294,12 +295,8 @@ impl Shared {
         self.state.lock().expect("outbox lock")
     }
 
-    fn io(&self) -> MutexGuard<'_, Io> {
-        self.io
-            .as_ref()
-            .expect("a connection's outbox")
-            .lock()
-            .expect("io lock")
+    fn io(&self) -> IoGuard<'_> {
+        IoGuard(self.io.lock().expect("io lock"))
     }
 
     /// Writes until the queue is empty (`Ready(Ok(true))`), or until the
@@ -312,6 +309,23 @@ impl Shared {
             Poll::Pending if wrote => Poll::Ready(Ok(false)),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// The connection, locked; only a test's outbox has none.
+struct IoGuard<'a>(MutexGuard<'a, Option<Io>>);
+
+impl std::ops::Deref for IoGuard<'_> {
+    type Target = Io;
+
+    fn deref(&self) -> &Io {
+        self.0.as_ref().expect("a connection's outbox")
+    }
+}
+
+impl std::ops::DerefMut for IoGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Io {
+        self.0.as_mut().expect("a connection's outbox")
     }
 }
 
