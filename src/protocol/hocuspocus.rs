@@ -28,7 +28,7 @@ use yrs::encoding::write::Write;
 use super::addresses::ByAddress;
 use super::ywebsocket::deadline;
 use super::{decode_awareness, decode_sync, kind_of, payload_len, write_shared, DecodeError};
-use crate::auth::{self, Grant, Verifier};
+use crate::auth::{self, Verifier};
 use crate::doc::name;
 use crate::metrics::{self as m, MessageKind};
 use crate::room::{ConnId, Framer, Inbound, Leave, Member, Outbound, Peer, RoomError, Rooms};
@@ -113,10 +113,11 @@ enum DocState {
     Denied,
 }
 
+/// An admitted document; its name is in its address.
 struct OpenDoc {
     member: Member,
-    name: Arc<str>,
-    grant: Grant,
+    /// The token's `sub`, for the log.
+    user: Option<Arc<str>>,
     framer: Arc<HFramer>,
     expires: Option<Instant>,
 }
@@ -305,9 +306,8 @@ impl HSession {
         self.auth_deadline = None;
         let open = OpenDoc {
             member,
-            name: name.into(),
             expires: grant.expires_at.map(deadline),
-            grant,
+            user: grant.user,
             framer,
         };
         self.docs
@@ -337,7 +337,7 @@ impl HSession {
             CLOSE => {
                 // The provider detached from this document.
                 if let Some(DocState::Open(open)) = self.docs.remove(address) {
-                    tracing::info!(doc = %open.name, "hocuspocus document closed");
+                    tracing::info!(doc = document_of(address), "hocuspocus document closed");
                     open.member.leave().await;
                 }
                 return Ok(());
@@ -402,8 +402,9 @@ impl Session for HSession {
             .map(|(address, _)| address.clone())
             .collect();
         for address in expired {
-            if let Some(DocState::Open(open)) = self.docs.insert(address, DocState::Denied) {
-                tracing::info!(doc = %open.name, "hocuspocus token expired");
+            if let Some(DocState::Open(open)) = self.docs.insert(address.clone(), DocState::Denied)
+            {
+                tracing::info!(doc = document_of(&address), "hocuspocus token expired");
                 self.push(open.framer.auth(AUTH_PERMISSION_DENIED, "token expired"))?;
                 open.member.leave().await;
             }
@@ -429,10 +430,10 @@ impl Session for HSession {
     fn describe(&self) -> (String, String) {
         let mut names = Vec::new();
         let mut users = Vec::new();
-        for state in self.docs.values() {
+        for (address, state) in self.docs.iter() {
             if let DocState::Open(open) = state {
-                names.push(open.name.to_string());
-                if let Some(user) = &open.grant.user {
+                names.push(document_of(address).to_string());
+                if let Some(user) = &open.user {
                     users.push(user.to_string());
                 }
             }

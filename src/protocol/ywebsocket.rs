@@ -34,6 +34,10 @@ struct YFramer;
 
 impl Framer for YFramer {
     fn frame(&self, msg: Outbound<'_>) -> Option<Bytes> {
+        // Asked for on every update a writer sends; nothing to allocate.
+        if matches!(msg, Outbound::Stateless(_) | Outbound::SyncStatus(_)) {
+            return None;
+        }
         let mut out = Vec::with_capacity(payload_len(msg) + 8);
         write_shared(&mut out, msg).then(|| out.into())
     }

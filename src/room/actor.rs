@@ -45,9 +45,6 @@ struct Member {
     /// provider announces one, so a list: a set's table and hasher would be
     /// carried by every idle member.
     awareness_ids: Vec<ClientID>,
-    /// Sync status frames (stored, refused) when the peer's protocol has them;
-    /// boxed, as the y-websocket protocol has none.
-    acks: Option<Box<(Bytes, Bytes)>>,
 }
 
 /// The last diff computed for a step 1, with its frames: a join storm asks
@@ -287,15 +284,9 @@ impl Room {
 
     fn join(&mut self, conn: ConnId, peer: Peer) {
         let sv = self.awareness.doc().transact().state_vector().encode_v1();
-        let acks = peer
-            .framer
-            .frame(Outbound::SyncStatus(true))
-            .zip(peer.framer.frame(Outbound::SyncStatus(false)))
-            .map(Box::new);
         let member = Member {
             peer,
             awareness_ids: Vec::new(),
-            acks,
         };
         let mut ok = send(&member.peer, conn, Outbound::SyncStep1(&sv));
         if let Some(states) = awareness_states(&self.awareness) {
@@ -350,18 +341,19 @@ impl Room {
                     // Read access: nothing of it is applied, stored or sent on.
                     // A peer that tracks sync status hears whether it had
                     // anything to say.
-                    let status = member.acks.as_deref().map(|(stored, refused)| {
-                        if update.is_empty() { stored } else { refused }.clone()
-                    });
-                    if let Some(frame) = status {
+                    let status = Outbound::SyncStatus(update.is_empty());
+                    if let Some(frame) = member.peer.framer.frame(status) {
                         if !push(&member.peer, conn, frame) {
                             self.remove(conn);
                         }
                     }
                     return;
                 }
-                let ack = member.acks.as_deref().map(|(stored, _)| {
-                    let (outbox, frame) = (member.peer.outbox.clone(), stored.clone());
+                // Framed per update rather than kept per member: every idle
+                // member would carry the frames.
+                let stored = member.peer.framer.frame(Outbound::SyncStatus(true));
+                let ack = stored.map(|frame| {
+                    let outbox = member.peer.outbox.clone();
                     Box::new(move || {
                         // The frame goes straight to the socket: a peer too
                         // slow for it is let go by the next broadcast.
