@@ -404,7 +404,7 @@ async fn joiners_with_one_state_vector_share_one_encoding_and_one_load() {
 #[tokio::test]
 async fn a_slow_consumer_is_let_go_and_the_room_goes_on() {
     let w = world(1 << 30).await;
-    let (outbox, mut queued) = Outbox::new(2, 1 << 20);
+    let (outbox, queued) = Outbox::new(2, 1 << 20);
     let peer = Peer {
         outbox,
         framer: Arc::new(TestFramer {
@@ -420,7 +420,7 @@ async fn a_slow_consumer_is_let_go_and_the_room_goes_on() {
     for i in 0..5 {
         writer.send(insert(&client, i, "s")).await;
     }
-    let left = left(&mut queued).await;
+    let left = left(&queued).await;
     assert_eq!(left, (slow.conn, Leave::SlowConsumer));
     writer
         .send(Inbound::SyncStep1(StateVector::default()))
@@ -437,10 +437,10 @@ async fn a_slow_consumer_is_let_go_and_the_room_goes_on() {
 async fn past_the_memory_budget_updates_are_refused_and_nothing_is_applied() {
     let w = world(64).await;
     let held = w.store.gate.acquire_many(1_000_000).await.unwrap();
-    let mut a = TestPeer::join(&w, "d", "k", false, true).await;
+    let a = TestPeer::join(&w, "d", "k", false, true).await;
     let mut b = TestPeer::join(&w, "d", "k", false, true).await;
     a.send(insert(&Doc::new(), 0, &"y".repeat(100))).await;
-    let left = left(&mut a.queued).await;
+    let left = left(&a.queued).await;
     assert!(matches!(left.1, Leave::Overloaded(_)));
     drop(held);
     b.send(Inbound::SyncStep1(StateVector::default())).await;
@@ -490,7 +490,7 @@ impl TestPeer {
 }
 
 /// Waits for the room to let the peer go, taking what it queued meanwhile.
-async fn left(queued: &mut Queued) -> (ConnId, Leave) {
+async fn left(queued: &Queued) -> (ConnId, Leave) {
     loop {
         match queued.wait().await {
             crate::transport::Next::Leave(conn, why) => return (conn, why),

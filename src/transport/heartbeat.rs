@@ -120,7 +120,7 @@ mod tests {
     use crate::transport::outbox::{Next, Outbox};
 
     /// The next thing a socket hears that is not a beat, within a bound.
-    async fn past_beats(queued: &mut Queued) -> Next {
+    async fn past_beats(queued: &Queued) -> Next {
         tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 match queued.wait().await {
@@ -144,7 +144,7 @@ mod tests {
         for (_, queued) in &sockets {
             heartbeat.join(queued);
         }
-        for (_, queued) in &mut sockets {
+        for (_, queued) in &sockets {
             let next = tokio::time::timeout(Duration::from_secs(5), queued.wait()).await;
             assert!(matches!(next, Ok(Next::Beat { .. })), "{next:?}");
         }
@@ -161,7 +161,7 @@ mod tests {
         .expect("the gone socket dropped");
 
         shutdown.cancel();
-        for (_, queued) in &mut sockets {
+        for (_, queued) in &sockets {
             assert!(matches!(past_beats(queued).await, Next::ShuttingDown));
         }
         // A socket that opens during shutdown hears it at once.
