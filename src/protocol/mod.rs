@@ -71,10 +71,7 @@ fn decode_awareness(cursor: &mut Cursor<'_>) -> Result<Inbound, DecodeError> {
     let update = catch_unwind(|| AwarenessUpdate::decode_v1(payload))
         .map_err(|_| DecodeError::BadAwareness("decoder panicked".into()))?
         .map_err(|e| DecodeError::BadAwareness(e.to_string()))?;
-    Ok(Inbound::Awareness {
-        raw: Bytes::copy_from_slice(payload),
-        update,
-    })
+    Ok(Inbound::Awareness { update })
 }
 
 /// Yjs client ids are 53-bit (a JavaScript number). yrs asserts that in

@@ -22,7 +22,9 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
-use super::{Command, ConnId, Inbound, Leave, Outbound, Peer, RoomError, Rooms, Snapshot, Write};
+use super::{
+    Command, ConnId, Handed, Inbound, Leave, Outbound, Peer, RoomError, Rooms, Snapshot, Write,
+};
 use crate::doc::guard::{self, ApplyError};
 use crate::fanout::{Published, Remote, Subscription};
 use crate::metrics as m;
@@ -254,7 +256,11 @@ impl Room {
                 let _ = reply.send(Ok(()));
             }
             Command::Leave { conn } => self.remove(conn),
-            Command::Inbound { conn, msg } => self.inbound(conn, *msg),
+            Command::Inbound { conn, msg } => {
+                let Handed { msg, handled } = *msg;
+                self.inbound(conn, msg);
+                drop(handled);
+            }
             Command::Read { since, reply } => {
                 let exists = !self.awareness.doc().transact().state_vector().is_empty();
                 let result = self.encode_diff(&since).map(|update| Snapshot {
@@ -370,7 +376,7 @@ impl Room {
                     self.evict(conn, why);
                 }
             }
-            Inbound::Awareness { update, .. } => {
+            Inbound::Awareness { update } => {
                 if let Err(reason) = check_awareness(&member.awareness_ids, &update) {
                     tracing::info!(doc = %self.doc_name, reason, "awareness refused");
                     self.evict(conn, Leave::BadAwareness(reason));

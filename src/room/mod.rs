@@ -38,6 +38,10 @@ use crate::transport::Outbox;
 /// Commands a room holds before senders wait. Small, so that what waits in a
 /// room's queue is milliseconds of work, not seconds.
 const COMMAND_QUEUE: usize = 256;
+/// A peer's message at least this large is handed to its room one at a time
+/// (see [`Member::send`]). Edits and presence are far smaller; pastes and
+/// offline catch-ups may be larger, and wait a few milliseconds each.
+const LARGE_INBOUND: usize = 64 * 1024;
 
 pub type ConnId = u64;
 
@@ -105,13 +109,24 @@ pub enum Inbound {
         raw: Bytes,
         update: Update,
     },
-    /// An awareness update: the encoded bytes and their decoding.
+    /// An awareness update, decoded.
     Awareness {
-        raw: Bytes,
         update: AwarenessUpdate,
     },
     QueryAwareness,
     Stateless(String),
+}
+
+impl Inbound {
+    /// About what the message holds in memory, decoded.
+    fn bytes(&self) -> usize {
+        match self {
+            Inbound::Update { raw, .. } => raw.len(),
+            Inbound::Awareness { update } => update.clients.values().map(|e| e.json.len()).sum(),
+            Inbound::Stateless(payload) => payload.len(),
+            Inbound::SyncStep1(_) | Inbound::QueryAwareness => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -143,13 +158,20 @@ pub(crate) enum Command {
     },
     Inbound {
         conn: ConnId,
-        msg: Box<Inbound>,
+        msg: Box<Handed>,
     },
     Read {
         since: Box<StateVector>,
         reply: oneshot::Sender<Result<Snapshot, RoomError>>,
     },
     Write(Box<Write>),
+}
+
+/// A peer's message in the room's queue. A large one carries a sender the
+/// room drops once the message is handled, which is what its socket waits for.
+pub(crate) struct Handed {
+    pub msg: Inbound,
+    pub handled: Option<oneshot::Sender<()>>,
 }
 
 /// An update posted over HTTP.
@@ -198,14 +220,32 @@ pub struct Member {
 impl Member {
     /// Hands a message to the room, waiting while its queue is full; false
     /// when the room is gone.
+    ///
+    /// A large message is also waited on until the room has handled it. The
+    /// queue is bounded in commands, not bytes: a peer sending megabyte
+    /// frames faster than its room handles them would otherwise park a
+    /// queue's worth of them in memory. Waiting stops its socket being read,
+    /// so TCP slows it to the room's pace.
     pub async fn send(&self, msg: Inbound) -> bool {
-        self.tx
-            .send(Command::Inbound {
-                conn: self.conn,
-                msg: Box::new(msg),
-            })
-            .await
-            .is_ok()
+        let (handled, taken) = match msg.bytes() >= LARGE_INBOUND {
+            true => {
+                let (handled, taken) = oneshot::channel();
+                (Some(handled), Some(taken))
+            }
+            false => (None, None),
+        };
+        let cmd = Command::Inbound {
+            conn: self.conn,
+            msg: Box::new(Handed { msg, handled }),
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return false;
+        }
+        if let Some(taken) = taken {
+            // Dropped, not sent: the room may also be gone by then.
+            let _ = taken.await;
+        }
+        true
     }
 
     pub async fn leave(self) {

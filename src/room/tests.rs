@@ -243,13 +243,8 @@ fn awareness(client: ClientID, clock: u32, json: &str) -> Inbound {
         )]
         .into(),
     };
-    Inbound::Awareness {
-        raw: update.encode_v1().into(),
-        update,
-    }
+    Inbound::Awareness { update }
 }
-
-use yrs::updates::encoder::Encode;
 
 #[tokio::test]
 async fn an_update_reaches_the_others_not_its_sender_and_is_stored_once() {
