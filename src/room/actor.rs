@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use yrs::sync::awareness::AwarenessUpdate;
 use yrs::sync::Awareness;
@@ -23,7 +23,8 @@ use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
 use super::{
-    Command, ConnId, Handed, Inbound, Leave, Outbound, Peer, RoomError, Rooms, Snapshot, Write,
+    queue, Command, ConnId, Handed, Inbound, Leave, Outbound, Peer, RoomError, Rooms, Snapshot,
+    Write,
 };
 use crate::doc::guard::{self, ApplyError};
 use crate::fanout::{Published, Remote, Subscription};
@@ -83,7 +84,7 @@ pub(super) fn spawn(
     rooms: Rooms,
     doc: Arc<str>,
     generation: u64,
-    rx: mpsc::Receiver<Command>,
+    rx: queue::Receiver<Command>,
     check: bool,
 ) {
     let room = Box::new(Room {
@@ -136,7 +137,7 @@ pub(super) async fn read_stored(
 impl Room {
     /// Boxed: an async fn that takes a value keeps room for it twice, and the
     /// room's task holds this future for as long as the document is loaded.
-    async fn run(mut self: Box<Self>, mut rx: mpsc::Receiver<Command>) {
+    async fn run(mut self: Box<Self>, mut rx: queue::Receiver<Command>) {
         let ctx = self.rooms.context();
         // Subscribe first: whatever is published from here on is delivered, and
         // everything published before is already in the store we load next.
@@ -172,9 +173,9 @@ impl Room {
 
     /// The load failed: answer everything queued, and leave the registry so
     /// the next join tries again.
-    fn fail_all(&self, rx: &mut mpsc::Receiver<Command>, error: RoomError) {
+    fn fail_all(&self, rx: &mut queue::Receiver<Command>, error: RoomError) {
         loop {
-            while let Ok(cmd) = rx.try_recv() {
+            while let Some(cmd) = rx.try_recv() {
                 match cmd {
                     Command::Join { reply, .. } => {
                         let _ = reply.send(Err(error.clone()));
@@ -194,7 +195,7 @@ impl Room {
         }
     }
 
-    async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>, mut sub: Subscription) {
+    async fn serve(&mut self, rx: &mut queue::Receiver<Command>, mut sub: Subscription) {
         let ctx = self.rooms.context();
         let unload_after = ctx.unload_after;
         let mut sweep = tokio::time::interval(ctx.awareness_timeout / 2);
@@ -207,13 +208,9 @@ impl Room {
                         self.direct = rx.is_empty();
                         self.handle(cmd);
                         for _ in 1..BATCH {
-                            match rx.try_recv() {
-                                Ok(cmd) => {
-                                    self.direct = rx.is_empty();
-                                    self.handle(cmd);
-                                }
-                                Err(_) => break,
-                            }
+                            let Some(cmd) = rx.try_recv() else { break };
+                            self.direct = rx.is_empty();
+                            self.handle(cmd);
                         }
                     }
                     None => return,
@@ -241,7 +238,7 @@ impl Room {
     /// Gives the document up after an update broke it in memory. The update
     /// was not stored, so every client reconnects to a room loaded afresh
     /// from the store.
-    fn reload(&mut self, rx: &mut mpsc::Receiver<Command>) {
+    fn reload(&mut self, rx: &mut queue::Receiver<Command>) {
         for (conn, member) in self.members.drain() {
             member.peer.outbox.leave(conn, Leave::Reloading);
         }

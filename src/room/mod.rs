@@ -17,6 +17,7 @@
 //! once wait for that one load (single flight).
 
 mod actor;
+mod queue;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use yrs::sync::awareness::AwarenessUpdate;
 use yrs::{StateVector, Update};
 
@@ -207,13 +208,13 @@ struct Inner {
 }
 
 struct Entry {
-    tx: mpsc::Sender<Command>,
+    tx: queue::Sender<Command>,
     generation: u64,
 }
 
 /// A peer's membership of a room.
 pub struct Member {
-    tx: mpsc::Sender<Command>,
+    tx: queue::Sender<Command>,
     pub conn: ConnId,
 }
 
@@ -340,7 +341,7 @@ impl Rooms {
         doc: &str,
         spawn: bool,
         mut cmd: Command,
-    ) -> Result<Option<mpsc::Sender<Command>>, RoomError> {
+    ) -> Result<Option<queue::Sender<Command>>, RoomError> {
         loop {
             let (tx, generation) = {
                 let mut rooms = self.inner.rooms.lock().expect("rooms lock");
@@ -351,19 +352,23 @@ impl Rooms {
                 };
                 match tx.try_send(cmd) {
                     Ok(()) => return Ok(Some(tx)),
-                    Err(mpsc::error::TrySendError::Full(back)) => cmd = back,
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Err(queue::TrySendError::Full(back)) => cmd = back,
+                    Err(queue::TrySendError::Closed(_)) => {
                         return Err(RoomError::Unavailable("room stopped".into()))
                     }
                 }
                 (tx, generation)
             };
-            let Ok(permit) = tx.clone().reserve_owned().await else {
+            let Ok(permit) = tx.reserve().await else {
                 continue;
             };
             let rooms = self.inner.rooms.lock().expect("rooms lock");
             if rooms.get(doc).is_some_and(|e| e.generation == generation) {
-                permit.send(cmd);
+                // Still registered, so not retired; but a room that panicked
+                // is closed before it is forgotten.
+                if permit.send(cmd).is_err() {
+                    return Err(RoomError::Unavailable("room stopped".into()));
+                }
                 return Ok(Some(tx));
             }
         }
@@ -373,9 +378,9 @@ impl Rooms {
         &self,
         rooms: &mut HashMap<Arc<str>, Entry>,
         doc: &str,
-    ) -> (mpsc::Sender<Command>, u64) {
+    ) -> (queue::Sender<Command>, u64) {
         let doc: Arc<str> = doc.into();
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (tx, rx) = queue::channel(COMMAND_QUEUE);
         let generation = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         rooms.insert(
             doc.clone(),
@@ -412,7 +417,7 @@ impl Rooms {
 
     /// Removes a room from the registry if it is still the one registered and
     /// nothing is queued for it. Called by the room itself.
-    fn retire(&self, doc: &str, generation: u64, rx: &mut mpsc::Receiver<Command>) -> bool {
+    fn retire(&self, doc: &str, generation: u64, rx: &mut queue::Receiver<Command>) -> bool {
         let mut rooms = self.inner.rooms.lock().expect("rooms lock");
         if !rx.is_empty() {
             return false;
