@@ -33,6 +33,12 @@ impl<V> ByAddress<V> {
         Some(&mut self.entries[i].1)
     }
 
+    /// The address as the list holds it, to share rather than copy.
+    pub fn key(&self, address: &str) -> Option<&Arc<str>> {
+        let i = self.find(address).ok()?;
+        Some(&self.entries[i].0)
+    }
+
     pub fn contains_key(&self, address: &str) -> bool {
         self.find(address).is_ok()
     }

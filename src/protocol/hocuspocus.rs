@@ -56,27 +56,18 @@ const MAX_PENDING_DOCUMENTS: usize = 100;
 /// Documents one socket may name at all (open, waiting, refused).
 const MAX_DOCUMENTS: usize = 1000;
 
-/// Frames for one address: the prefix every frame of it starts with.
+/// Frames for one address, which every frame of it starts with. The address
+/// is the one the socket's document list holds, not a copy.
 struct HFramer {
-    /// `h` then the prefix: no y-websocket key can equal it.
-    key: Box<[u8]>,
+    address: Arc<str>,
 }
 
 impl HFramer {
-    fn new(address: &str) -> Self {
-        let mut key = vec![b'h'];
-        key.write_string(address);
-        Self { key: key.into() }
-    }
-
-    fn prefix(&self) -> &[u8] {
-        &self.key[1..]
-    }
-
     /// An auth answer for this address: authenticated with a scope, or denied
     /// with a reason.
     fn auth(&self, kind: u8, text: &str) -> Bytes {
-        let mut out = self.prefix().to_vec();
+        let mut out = Vec::new();
+        out.write_string(&self.address);
         out.extend_from_slice(&[AUTH as u8, kind]);
         out.write_string(text);
         out.into()
@@ -85,8 +76,8 @@ impl HFramer {
 
 impl Framer for HFramer {
     fn frame(&self, msg: Outbound<'_>) -> Option<Bytes> {
-        let mut out = Vec::with_capacity(self.key.len() + payload_len(msg) + 8);
-        out.extend_from_slice(self.prefix());
+        let mut out = Vec::with_capacity(self.address.len() + payload_len(msg) + 12);
+        out.write_string(&self.address);
         if !write_shared(&mut out, msg) {
             match msg {
                 Outbound::Stateless(payload) => {
@@ -100,15 +91,16 @@ impl Framer for HFramer {
         Some(out.into())
     }
 
+    /// Never empty, as y-websocket's is: a document name is never empty.
     fn key(&self) -> &[u8] {
-        &self.key
+        self.address.as_bytes()
     }
 }
 
 enum DocState {
     /// Frames that came before the auth message.
     Pending(Vec<Bytes>),
-    Open(Box<OpenDoc>),
+    Open(OpenDoc),
     /// Refused: frames are dropped until another auth message.
     Denied,
 }
@@ -118,7 +110,6 @@ struct OpenDoc {
     member: Member,
     /// The token's `sub`, for the log.
     user: Option<Arc<str>>,
-    framer: Arc<HFramer>,
     expires: Option<Instant>,
 }
 
@@ -233,7 +224,6 @@ impl HSession {
         version: Option<&str>,
     ) -> Result<(), Close> {
         let name = document_of(address);
-        let framer = Arc::new(HFramer::new(address));
         let grant = name::validate(name)
             .map_err(|e| e.to_string())
             .and_then(|()| {
@@ -251,6 +241,9 @@ impl HSession {
             return Err(Close::PendingBounds);
         }
         let previous = self.docs.insert(address.into(), DocState::Denied);
+        let framer = Arc::new(HFramer {
+            address: self.docs.key(address).expect("just inserted").clone(),
+        });
         let queued = match previous {
             Some(DocState::Pending(queue)) => {
                 self.pending_messages -= queue.len();
@@ -285,7 +278,7 @@ impl HSession {
         self.push(framer.auth(AUTH_AUTHENTICATED, scope))?;
         let peer = Peer {
             outbox: self.outbox.clone(),
-            framer: framer.clone(),
+            framer,
             can_write: grant.can_write(),
             user: grant.user.clone(),
         };
@@ -308,10 +301,10 @@ impl HSession {
             member,
             expires: grant.expires_at.map(deadline),
             user: grant.user,
-            framer,
         };
-        self.docs
-            .insert(address.into(), DocState::Open(Box::new(open)));
+        if let Some(state) = self.docs.get_mut(address) {
+            *state = DocState::Open(open);
+        }
         for frame in queued {
             let (_, kind, cursor) = header(&frame).map_err(protocol)?;
             self.open_frame(address, kind, cursor).await?;
@@ -405,7 +398,8 @@ impl Session for HSession {
             if let Some(DocState::Open(open)) = self.docs.insert(address.clone(), DocState::Denied)
             {
                 tracing::info!(doc = document_of(&address), "hocuspocus token expired");
-                self.push(open.framer.auth(AUTH_PERMISSION_DENIED, "token expired"))?;
+                let framer = HFramer { address };
+                self.push(framer.auth(AUTH_PERMISSION_DENIED, "token expired"))?;
                 open.member.leave().await;
             }
         }
@@ -462,7 +456,9 @@ mod tests {
 
     #[test]
     fn frames_carry_their_address() {
-        let framer = HFramer::new("team/notes");
+        let framer = HFramer {
+            address: "team/notes".into(),
+        };
         let frame = framer.frame(Outbound::SyncStatus(true)).unwrap();
         let (address, kind, mut cursor) = header(&frame).unwrap();
         assert_eq!((address.as_str(), kind), ("team/notes", SYNC_STATUS as u64));
@@ -473,7 +469,7 @@ mod tests {
         assert_eq!(cursor.read_string().unwrap(), "hi");
         assert_eq!(HSession::kind(&frame), MessageKind::SyncStatus);
         assert_eq!(HSession::kind(&[PING]), MessageKind::Ping);
-        assert_ne!(framer.key(), b"y");
+        assert!(!framer.key().is_empty(), "a key y-websocket's framer has");
         assert_eq!(document_of("doc\0session"), "doc");
     }
 }

@@ -69,7 +69,8 @@ pub trait Framer: Send + Sync {
     fn frame(&self, msg: Outbound<'_>) -> Option<Bytes>;
 
     /// Peers whose framers have equal keys receive identical frames, so a
-    /// broadcast encodes a message once per key in use.
+    /// broadcast encodes a message once per key in use. Framers of different
+    /// protocols never share a key.
     fn key(&self) -> &[u8];
 }
 
