@@ -368,6 +368,26 @@ async fn stateless_messages_reach_the_others_only() {
 }
 
 #[tokio::test]
+async fn a_large_message_is_handled_before_its_sender_goes_on() {
+    let w = world(1 << 30).await;
+    let a = TestPeer::join(&w, "d", "k", false, true).await;
+    let b = TestPeer::join(&w, "d", "k", false, true).await;
+    let frames = |peer: &TestPeer| -> Vec<Seen> {
+        peer.queued.take_frames().iter().map(|f| seen(f)).collect()
+    };
+    // One thread: a small message is queued and its sender goes on before
+    // the room has run; a large one has been handled when its send returns.
+    a.send(Inbound::Stateless("small".into())).await;
+    assert_eq!(frames(&b), Vec::<Seen>::new());
+    let large = "x".repeat(LARGE_INBOUND);
+    a.send(Inbound::Stateless(large.clone())).await;
+    assert_eq!(
+        frames(&b),
+        vec![Seen::Stateless("small".into()), Seen::Stateless(large)]
+    );
+}
+
+#[tokio::test]
 async fn joiners_with_one_state_vector_share_one_encoding_and_one_load() {
     let w = world(1 << 30).await;
     let writer = TestPeer::join(&w, "d", "k", false, true).await;
