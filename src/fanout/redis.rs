@@ -1,7 +1,8 @@
 //! Fan-out through Redis Streams: one stream per document,
 //! `concord:{doc}:updates` (hash-tagged so Redis Cluster keeps a document's
-//! keys together), entries `k` (kind), `r` (origin replica), `t` (publish
-//! time, µs since the Unix epoch; for the lag metric) and `d` (payload). The
+//! keys together), entries `k` (kind), `r` (origin replica), `t` (when it was
+//! handed to the publisher, for an update once it is durable; µs since the
+//! Unix epoch, for the lag metric) and `d` (payload). The
 //! kinds: `u` an update, `w` an awareness update, `s` a stateless message,
 //! and `a`, an awareness update inside a y-websocket frame, which replicas
 //! of earlier versions publish (read during a rolling upgrade, never written;
@@ -22,7 +23,9 @@
 //! so the document's rooms resync from the store. A room whose queue is full
 //! is likewise owed a resync rather than sent a partial stream.
 //!
-//! One publisher task pipelines `XADD`s. When Redis goes away, the publisher
+//! One publisher task pipelines `XADD`s, one pipeline at a time: what
+//! arrives while one is on its way goes in the next (several in flight at
+//! once made the lag longer under load, BENCHMARKS.md). When Redis goes away, the publisher
 //! and the readers retry with backoff; once back, every room resyncs from the
 //! store (which holds everything that was ever published) and the streams
 //! resume from where they were, so clients converge without reconnecting.
@@ -146,6 +149,10 @@ struct Publish {
     doc: Arc<str>,
     kind: &'static str,
     payload: Bytes,
+    /// When it was handed over (µs since the Unix epoch). The lag metric
+    /// counts from here, so time spent queued behind a pipeline in flight
+    /// shows in it.
+    at: u64,
 }
 
 pub struct RedisFanout {
@@ -273,6 +280,7 @@ impl Fanout for RedisFanout {
             doc: doc.clone(),
             kind,
             payload,
+            at: now_us(),
         });
     }
 
@@ -327,7 +335,6 @@ async fn publisher(
         }
         let batch = unpublished.len().min(READ_COUNT);
         let mut pipe = redis::pipe();
-        let t = now_us();
         let now = Instant::now();
         for p in unpublished.iter().take(batch) {
             let key = stream_key(&p.doc);
@@ -342,7 +349,7 @@ async fn publisher(
                 .arg("r")
                 .arg(&*replica)
                 .arg("t")
-                .arg(t)
+                .arg(p.at)
                 .arg("d")
                 .arg(&p.payload[..])
                 .ignore();
