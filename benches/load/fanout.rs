@@ -70,7 +70,9 @@ struct Shared {
     /// The measured window, µs since `base`; tokens stamped inside it count.
     window: (AtomicU64, AtomicU64),
     received: AtomicU64,
-    latencies: Mutex<Vec<u32>>,
+    /// Each delivery in the window: when its update was sent (µs since
+    /// `base`) and how long it took to arrive (µs).
+    latencies: Mutex<Vec<(u64, u32)>>,
     /// Last sequence number sent, per writer.
     sent: Vec<AtomicU32>,
 }
@@ -164,7 +166,7 @@ pub async fn run_split(writers_on: &Running, readers_on: &Running, shape: &Shape
                         }
                         shared_r.received.fetch_add(1, Ordering::Relaxed);
                         if shared_r.in_window(token.micros) {
-                            local.push(now.saturating_sub(token.micros) as u32);
+                            local.push((token.micros, now.saturating_sub(token.micros) as u32));
                         }
                     });
                 }
@@ -264,7 +266,11 @@ pub async fn run_split(writers_on: &Running, readers_on: &Running, shape: &Shape
     }
     drop(sinks);
 
-    let mut l = std::mem::take(&mut *shared.latencies.lock().unwrap());
+    let samples = std::mem::take(&mut *shared.latencies.lock().unwrap());
+    if let Ok(prefix) = std::env::var("BENCH_DUMP") {
+        dump(&prefix, shared.base, &samples);
+    }
+    let mut l: Vec<u32> = samples.into_iter().map(|(_, us)| us).collect();
     l.sort_unstable();
     let pct = |p: f64| {
         l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
@@ -283,6 +289,24 @@ pub async fn run_split(writers_on: &Running, readers_on: &Running, shape: &Shape
         gen_cpu: (gen1 - gen0) / elapsed * 100.0,
         server_rss_peak_mib: targets::rss_kib(server.pid).1 / 1024.0,
     }
+}
+
+/// Writes one line per delivery, `<sent, µs since the Unix epoch> <latency,
+/// µs>`, to a new file `<prefix>.<unix ms>`: to line the tail up in time
+/// with what else the machine did (`perf sched`, the replicas' metrics).
+fn dump(prefix: &str, base: Instant, samples: &[(u64, u32)]) {
+    use std::io::Write;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let base_us = now.as_micros() as u64 - base.elapsed().as_micros() as u64;
+    let path = format!("{prefix}.{}", now.as_millis());
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    for (sent, latency) in samples {
+        writeln!(out, "{} {latency}", base_us + sent).unwrap();
+    }
+    out.flush().unwrap();
+    eprintln!("deliveries written to {path}");
 }
 
 /// Tokens sent but absent from the document a fresh client syncs, per room.

@@ -18,6 +18,10 @@
 //! - `growth`: server CPU per append as the document grows to 1 M characters;
 //! - `cross`: writers on one replica, readers on another (PostgreSQL + Redis),
 //!   next to one replica; `--rounds N` repeats the pair.
+//!
+//! With `BENCH_DUMP=<prefix>`, each fan-out phase also writes every
+//! delivery's send time and latency to a file, to line its tail up with
+//! `perf sched` or the servers' metrics.
 
 #[path = "../common/mod.rs"]
 mod common;
