@@ -143,6 +143,29 @@ async fn sigkill_while_editing_loses_nothing() {
     assert_eq!(c.text("t"), want);
 }
 
+/// The replica that reads an update from Redis measures how long it took
+/// from being stored on its origin; the origin skips its own entries and
+/// measures nothing.
+#[tokio::test]
+async fn the_reading_replica_measures_the_fanout_lag() {
+    let (r1, r2) = pair(&shared_redis_url()).await;
+    let doc = unique("replicas/lag");
+    let mut a = Client::connect(&r1.ws_url(&doc)).await;
+    let mut b = Client::connect(&r2.ws_url(&doc)).await;
+    a.insert("t", 0, "x").await;
+    b.wait_text("t", "x").await;
+    a.insert("t", 1, "y").await;
+    b.wait_text("t", "xy").await;
+
+    let read = r2.metric("concord_fanout_lag_seconds_count").await;
+    assert_eq!(read, 2.0, "the reading replica measured {read} entries");
+    // The publish time and the clock it is compared with are in one unit:
+    // on one machine the lag is well under a second.
+    let mean = r2.metric("concord_fanout_lag_seconds_sum").await / read;
+    assert!((0.0..1.0).contains(&mean), "mean fan-out lag {mean} s");
+    assert_eq!(r1.metric("concord_fanout_lag_seconds_count").await, 0.0);
+}
+
 /// Redis stopped and restarted while both sides edit: they converge without reconnecting.
 #[tokio::test]
 async fn redis_outage_converges_without_reconnecting() {
