@@ -2,11 +2,11 @@
 //! `concord:{doc}:updates` (hash-tagged so Redis Cluster keeps a document's
 //! keys together), entries `k` (kind), `r` (origin replica), `t` (when it was
 //! handed to the publisher, for an update once it is durable; µs since the
-//! Unix epoch, for the lag metric) and `d` (payload). The
-//! kinds: `u` an update, `w` an awareness update, `s` a stateless message,
-//! and `a`, an awareness update inside a y-websocket frame, which replicas
-//! of earlier versions publish (read during a rolling upgrade, never written;
-//! earlier versions skip the kinds they do not know).
+//! Unix epoch, for the lag metric) and `d` (payload). The kinds: `u` an
+//! update, `w` an awareness update, `s` a stateless message, and `a`, an
+//! awareness update inside a y-websocket frame, which replicas of earlier
+//! versions publish (read during a rolling upgrade, never written; earlier
+//! versions skip the kinds they do not know).
 //!
 //! Loaded documents are hashed over a fixed set of reader tasks, each reading
 //! the streams of its documents with one `XREAD` on its own connection, from
@@ -25,10 +25,11 @@
 //!
 //! One publisher task pipelines `XADD`s, one pipeline at a time: what
 //! arrives while one is on its way goes in the next (several in flight at
-//! once made the lag longer under load, BENCHMARKS.md). When Redis goes away, the publisher
-//! and the readers retry with backoff; once back, every room resyncs from the
-//! store (which holds everything that was ever published) and the streams
-//! resume from where they were, so clients converge without reconnecting.
+//! once made the lag longer under load, BENCHMARKS.md). When Redis goes
+//! away, the publisher and the readers retry with backoff; once back, every
+//! room resyncs from the store (which holds everything that was ever
+//! published) and the streams resume from where they were, so clients
+//! converge without reconnecting.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
