@@ -302,9 +302,8 @@ impl HSession {
             expires: grant.expires_at.map(deadline),
             user: grant.user,
         };
-        if let Some(state) = self.docs.get_mut(address) {
-            *state = DocState::Open(open);
-        }
+        // In place: `insert` would copy the address only to find it there.
+        *self.docs.get_mut(address).expect("inserted above") = DocState::Open(open);
         for frame in queued {
             let (_, kind, cursor) = header(&frame).map_err(protocol)?;
             self.open_frame(address, kind, cursor).await?;

@@ -229,12 +229,11 @@ impl Member {
     /// queue's worth of them in memory. Waiting stops its socket being read,
     /// so TCP slows it to the room's pace.
     pub async fn send(&self, msg: Inbound) -> bool {
-        let (handled, taken) = match msg.bytes() >= LARGE_INBOUND {
-            true => {
-                let (handled, taken) = oneshot::channel();
-                (Some(handled), Some(taken))
-            }
-            false => (None, None),
+        let (handled, taken) = if msg.bytes() >= LARGE_INBOUND {
+            let (handled, taken) = oneshot::channel();
+            (Some(handled), Some(taken))
+        } else {
+            (None, None)
         };
         let cmd = Command::Inbound {
             conn: self.conn,
